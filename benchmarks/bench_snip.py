@@ -1,0 +1,412 @@
+"""Benchmark: SNIP pruning at initialization and masked training, against a dense training step.
+
+Prints, per model, measured in one process on one batch (see benchmarks/README.md):
+
+  (a) time of SNIP pruning (scores + selection, returns the mask) / time of one dense training step
+  (b) peak memory while pruning / peak memory of one dense training step
+  (c) time of one masked training step / time of one dense training step
+
+for sparsetrain (``prune_at_init`` + ``GradientMask``) and for the baseline to beat,
+``torch.nn.utils.prune.global_unstructured`` with SNIP scores as importance (its masked step runs
+the forward pre-hooks that compute ``weight = weight_orig * weight_mask``).
+
+    python benchmarks/bench_snip.py                       # both LeNets, CPU, writes docs/results/bench_snip.md
+    python benchmarks/bench_snip.py --repeats 200 --threads 1 --out /tmp/bench.md
+
+This is a benchmark, not a test: it reports ratios against a dense step measured in the same
+process, and never fails on a missed target (the exit status is 0 unless something breaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the profiler's start/stop lines (memory measurement)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torch.nn.utils.prune as tprune  # noqa: E402
+
+import sparsetrain  # noqa: E402
+from sparsetrain import GradientMask, apply_mask_, create_model, prune_at_init  # noqa: E402
+from sparsetrain.masks import prunable_parameters  # noqa: E402
+
+TARGETS = {"a": 1.2, "b": 1.0, "c": 1.03}
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
+
+
+# --------------------------------------------------------------------------------------------
+# The measured operations
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One model, its SGD optimizer and the hooks of a training step (as train/loop.py runs it)."""
+
+    def __init__(self, model: nn.Module, hooks=()):
+        self.model = model.train()
+        self.hooks = list(hooks)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        # Restored before every timed step (outside the timing) so that thousands of steps on the
+        # same batch cannot drift towards overflow or denormals.
+        self.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        for h in self.hooks:
+            h.after_backward()
+        self.optimizer.step()
+        for h in self.hooks:
+            h.after_step()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for k, v in self.model.state_dict().items():
+            v.copy_(self.snapshot[k])
+        self.optimizer.zero_grad(set_to_none=True)  # the previous step's gradients are not counted
+
+
+def sparsetrain_prune(model: nn.Module, x, y, sparsity: float):
+    """sparsetrain end to end: scores, global selection, the mask (the model is not changed)."""
+    return prune_at_init(model, "snip", sparsity=sparsity, batches=(x, y))
+
+
+def torch_prune(model: nn.Module, x, y, sparsity: float) -> nn.Module:
+    """The baseline: the same SNIP scores (one forward-backward in inference mode, |g * w| on the
+    same parameters), then torch.nn.utils.prune.global_unstructured with them as importance.
+    Reparametrises ``model`` in place (weight_orig, weight_mask, a forward pre-hook)."""
+    names = list(prunable_parameters(model))
+    modules = dict(model.named_modules())
+    targets = [(modules[n.rpartition(".")[0]], n.rpartition(".")[2]) for n in names]
+    weights = [getattr(m, a) for m, a in targets]
+    was_training = model.training
+    model.eval()
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, weights)
+    model.train(was_training)
+    with torch.no_grad():
+        scores = {t: (g * w).abs_() for t, g, w in zip(targets, grads, weights)}
+    del grads
+    tprune.global_unstructured(targets, pruning_method=tprune.L1Unstructured, importance_scores=scores, amount=sparsity)
+    return model
+
+
+def torch_prune_mask(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n[: -len("_mask")]: b.bool() for n, b in model.named_buffers() if n.endswith("_mask")}
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    ops: dict[str, tuple[Callable[[], object], Callable[[object], None]]],
+    rounds: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Seconds per call of each op, ``rounds`` samples each. ``ops[name] = (setup, run)``: setup
+    (untimed) returns the argument of the timed ``run``. The ops run interleaved, one call of
+    each per round, in alternating order (ABC CBA ABC ...), so that slow phases of a noisy machine
+    hit all of them alike. Garbage collection is off while timing."""
+    names = list(ops)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(warmup + rounds):
+            for name in names if r % 2 == 0 else reversed(names):
+                setup, run = ops[name]
+                arg = setup()
+                synchronize(device)
+                t0 = time.perf_counter()
+                run(arg)
+                synchronize(device)
+                if r >= warmup:
+                    samples[name].append(time.perf_counter() - t0)
+                del arg
+            if r % 10 == 9:
+                gc.collect()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+def paired_ratio(samples: dict[str, list[float]], name: str, ref: str) -> float:
+    """Median over rounds of (time of ``name`` / time of ``ref`` in the same round)."""
+    return statistics.median(a / b for a, b in zip(samples[name], samples[ref]))
+
+
+def torch_peak_bytes_cpu(run: Callable[[], object]) -> int:
+    """Peak, over the call, of the bytes held by tensors that the call allocated (minus those it
+    freed), from the PyTorch profiler's allocation events on the CPU allocator: the running sum of
+    +size/-size in time order. Tensors alive before the call are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run()
+        del out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())  # stable: equal stamps keep their recorded order
+    level = peak = 0
+    for e in events:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+def python_peak_bytes(run: Callable[[], object]) -> int:
+    """Peak of the memory allocated through Python's allocators during the call (tracemalloc):
+    NumPy arrays and Python objects, not PyTorch tensors."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        out = run()
+        del out
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return max(0, peak - start)
+
+
+def cuda_peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    gc.collect()
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    out = run()
+    del out
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - start
+
+
+def measure_memory(run_factory: Callable[[], Callable[[], object]], device: torch.device) -> tuple[int, int]:
+    """(peak bytes of tensors, peak bytes of NumPy/Python allocations) of one call; each measured
+    on its own call (``run_factory`` prepares a fresh one, untimed and unmeasured). The median of
+    three measurements."""
+    tensor_peaks, python_peaks = [], []
+    for _ in range(3):
+        run = run_factory()
+        tensor_peaks.append(cuda_peak_bytes(run, device) if device.type == "cuda" else torch_peak_bytes_cpu(run))
+        run = run_factory()
+        python_peaks.append(python_peak_bytes(run))
+    return int(statistics.median(tensor_peaks)), int(statistics.median(python_peaks))
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------
+
+
+def bench_model(name: str, args, device: torch.device) -> dict:
+    torch.manual_seed(args.seed)
+    base = create_model(name).to(device)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch_size, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+
+    mask = sparsetrain_prune(copy.deepcopy(base), x, y, args.sparsity)
+    tp_model = torch_prune(copy.deepcopy(base), x, y, args.sparsity)
+    tp_mask = torch_prune_mask(tp_model)
+    total = sum(m.numel() for m in mask.values())
+    kept = sum(int(m.sum()) for m in mask.values())
+    agree = sum(int((mask[n] == tp_mask[n].to(mask[n].device)).sum()) for n in mask) / total
+
+    dense = Trainer(copy.deepcopy(base))
+    st_model = apply_mask_(copy.deepcopy(base), mask)
+    masked = Trainer(st_model, hooks=[GradientMask(st_model, mask)])
+    baseline = Trainer(tp_model)
+
+    def step_op(trainer: Trainer):
+        return (trainer.reset, lambda _: trainer.step(x, y))
+
+    ops = {
+        "dense step": step_op(dense),
+        "sparsetrain masked step": step_op(masked),
+        "torch.prune masked step": step_op(baseline),
+        "sparsetrain prune": (lambda: copy.deepcopy(base), lambda m: sparsetrain_prune(m, x, y, args.sparsity)),
+        "torch.prune prune": (lambda: copy.deepcopy(base), lambda m: torch_prune(m, x, y, args.sparsity)),
+    }
+    samples = time_interleaved(ops, args.repeats, args.warmup, device)
+
+    def memory_of(op: str) -> tuple[int, int]:
+        setup, run = ops[op]
+
+        def factory():
+            arg = setup()
+            return lambda: run(arg)
+
+        return measure_memory(factory, device)
+
+    memory = {op: memory_of(op) for op in ("dense step", "sparsetrain prune", "torch.prune prune")}
+
+    def mem_ratio(op: str) -> float:
+        return memory[op][0] / memory["dense step"][0]
+
+    def mem_ratio_bounds(op: str) -> tuple[float, float]:
+        """Bounds on the ratio of peaks counting tensors and NumPy/Python memory together: the
+        two peaks of one call may or may not coincide."""
+        (t, p), (dt, dp) = memory[op], memory["dense step"]
+        return max(t, p) / (dt + dp), (t + p) / max(dt, dp)
+
+    return {
+        "model": name,
+        "params": sum(p.numel() for p in base.parameters()),
+        "prunable": total,
+        "kept": kept,
+        "mask_agreement": agree,
+        "median_ms": {op: 1e3 * statistics.median(s) for op, s in samples.items()},
+        "memory": memory,
+        "a": {lib: paired_ratio(samples, f"{lib} prune", "dense step") for lib in ("sparsetrain", "torch.prune")},
+        "b": {lib: mem_ratio(f"{lib} prune") for lib in ("sparsetrain", "torch.prune")},
+        "b_py": {lib: mem_ratio_bounds(f"{lib} prune") for lib in ("sparsetrain", "torch.prune")},
+        "c": {lib: paired_ratio(samples, f"{lib} masked step", "dense step") for lib in ("sparsetrain", "torch.prune")},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def verdict(value: float, target: float) -> str:
+    return "PASS" if value <= target else "MISS"
+
+
+def bounds_verdict(lo: float, hi: float, target: float) -> str:
+    return "PASS" if hi <= target else "MISS" if lo > target else "PASS?"
+
+
+def report(results: list[dict], args, device: torch.device, argv: list[str]) -> str:
+    mb = 1 / 2**20
+    machine = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    lines = [
+        "# SNIP pruning benchmark",
+        "",
+        f"- command: `{shlex.join(['python', *argv])}`",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- device: {device.type} ({machine}); CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, sparsetrain {sparsetrain.__version__}, Python {platform.python_version()}",
+        f"- batch {args.batch_size} x (1, 28, 28) random inputs, sparsity {args.sparsity}, "
+        f"{args.repeats} timed rounds after {args.warmup} warm-up rounds, seed {args.seed}",
+        "- ratios: time = median over rounds of (op / dense step of the same round); memory = peak bytes "
+        "allocated by the op / peak bytes allocated by one dense step (parameters, momentum buffers "
+        "and the batch exist before both and are not counted)",
+        "",
+    ]
+    for r in results:
+        ms, mem = r["median_ms"], r["memory"]
+        lines += [
+            f"## {r['model']} ({r['params']:,} parameters, {r['prunable']:,} prunable, {r['kept']:,} kept; "
+            f"masks of the two libraries agree on {r['mask_agreement']:.4%} of entries)",
+            "",
+            f"Dense training step: {ms['dense step']:.3f} ms (median); peak memory "
+            f"{mem['dense step'][0] * mb:.2f} MiB of tensors + {mem['dense step'][1] * mb:.2f} MiB NumPy/Python.",
+            "",
+            "| figure | target | sparsetrain | | torch.nn.utils.prune | |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, label in (
+            ("a", "(a) prune time / dense step time"),
+            ("b", "(b) peak memory pruning / dense step (tensors)"),
+            ("c", "(c) masked step time / dense step time"),
+        ):
+            st, tp = r[key]["sparsetrain"], r[key]["torch.prune"]
+            t = TARGETS[key]
+            lines.append(f"| {label} | <= {t} | {st:.3f} | {verdict(st, t)} | {tp:.3f} | {verdict(tp, t)} |")
+        cells = []
+        for lib in ("sparsetrain", "torch.prune"):
+            lo, hi = r["b_py"][lib]
+            cells.append(f"{lo:.3f} to {hi:.3f} | {bounds_verdict(lo, hi, TARGETS['b'])}")
+        lines.append(f"| (b') as (b), tensors and NumPy/Python together (bounds) | <= {TARGETS['b']} | {' | '.join(cells)} |")
+        lines += [
+            "",
+            "| absolute (median) | dense | sparsetrain | torch.nn.utils.prune |",
+            "|---|---|---|---|",
+            f"| prune time (ms) | | {ms['sparsetrain prune']:.3f} | {ms['torch.prune prune']:.3f} |",
+            f"| training step time (ms) | {ms['dense step']:.3f} | {ms['sparsetrain masked step']:.3f} | "
+            f"{ms['torch.prune masked step']:.3f} |",
+            f"| peak tensor memory, prune / dense step (MiB) | {mem['dense step'][0] * mb:.3f} | "
+            f"{mem['sparsetrain prune'][0] * mb:.3f} | {mem['torch.prune prune'][0] * mb:.3f} |",
+            f"| peak NumPy/Python memory (MiB) | {mem['dense step'][1] * mb:.3f} | "
+            f"{mem['sparsetrain prune'][1] * mb:.3f} | {mem['torch.prune prune'][1] * mb:.3f} |",
+            "",
+        ]
+    lines.append(
+        "Targets from the issue: (a) <= 1.2, (b) <= 1.0, (c) <= 1.03 (stated for LeNet-5-Caffe). "
+        "PASS/MISS is informative only; timings on a loaded machine are noisy."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["lenet-300-100", "lenet-5-caffe"])
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--sparsity", type=float, default=0.95)
+    p.add_argument("--repeats", type=int, default=100, help="timed rounds (one call of each op per round)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/results/bench_snip.md", help="Markdown file to write ('' or '-': none)")
+    args = p.parse_args(argv)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+
+    results = []
+    for name in args.models:
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        results.append(bench_model(name, args, device))
+    text = report(results, args, device, ["benchmarks/bench_snip.py", *argv])
+    print(text)
+    if args.out not in ("", "-"):
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The ``sparsetrain`` command. Each subcommand builds a config and calls one public function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import SparsetrainError
+from . import commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsetrain",
+        description="Sparse neural networks from the start: SNIP pruning at initialization, "
+        "masked training, recorded and resumable runs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_flags, _) in commands.COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded beside results
+    try:
+        return commands.COMMANDS[args.command][2](args) or 0
+    except SparsetrainError as err:
+        print(f"sparsetrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the run is kept and resumes from its last checkpoint when started again",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
