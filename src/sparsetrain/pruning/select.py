@@ -14,7 +14,6 @@ row-major order inside a tensor) win.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..errors import SparsetrainError
@@ -35,29 +34,40 @@ def kept_count(total: int, sparsity: float) -> int:
     return max(1, round(total * (1.0 - sparsity)))
 
 
-def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    if flat.device.type == "cpu":
-        # numpy's introselect is about 10x faster than torch.kthvalue on CPU (0.2 vs 2.3 ms for
-        # LeNet-300-100's 266k scores), which matters when pruning costs about one training step.
-        values = flat.detach().numpy()
-        return torch.as_tensor(np.partition(values, values.size - k)[values.size - k])
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
-
-
-def top_k_flat(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean vector keeping exactly the ``k`` largest entries of ``flat``; ties go to the
-    lowest index. Linear time: one k-th value selection, no full sort."""
+def _kth_largest(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The k-th largest value over all entries of ``tensors``, in linear time."""
+    flat = torch.cat([t.flatten() for t in tensors])  # the one score-sized copy selection makes
     m = flat.numel()
+    if flat.device.type == "cpu":
+        # numpy's in-place introselect is about 10x faster than torch.kthvalue on CPU (0.2 vs
+        # 2.3 ms for LeNet-300-100's 266k scores), which matters when pruning should cost about
+        # one training step.
+        values = flat.detach().numpy()
+        values.partition(m - k)
+        return torch.as_tensor(values[m - k])
+    return torch.kthvalue(flat, m - k + 1).values
+
+
+def top_k(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Boolean masks keeping exactly the ``k`` largest entries over all of ``tensors``; ties go
+    to the first entries (tensor order, then row-major). Linear time: one k-th value selection,
+    no sort; comparisons run per tensor, so no second score-sized buffer is made."""
+    m = sum(t.numel() for t in tensors)
     if k >= m:
-        return torch.ones(m, dtype=torch.bool, device=flat.device)
-    threshold = _kth_largest(flat, k)
-    keep = flat >= threshold
-    n = int(torch.count_nonzero(keep))  # count_nonzero: no int64 temporary, unlike bool sum
+        return [torch.ones_like(t, dtype=torch.bool) for t in tensors]
+    threshold = _kth_largest(tensors, k).to(tensors[0].device)
+    keep = [t >= threshold for t in tensors]
+    n = sum(int(torch.count_nonzero(x)) for x in keep)  # count_nonzero: no int64 temporary
     if n == k:  # the usual case: no tie straddles the threshold
         return keep
-    ties = flat == threshold
-    room = k - (n - int(torch.count_nonzero(ties)))
-    return (flat > threshold) | (ties & (torch.cumsum(ties, 0) <= room))
+    room = k - sum(int(torch.count_nonzero(t > threshold)) for t in tensors)
+    out = []
+    for t in tensors:
+        ties = (t == threshold).flatten()
+        take = torch.cumsum(ties, 0) <= room
+        room -= min(room, int(torch.count_nonzero(ties)))
+        out.append((t > threshold) | (ties & take).view_as(t))
+    return out
 
 
 def select_top(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
@@ -66,7 +76,6 @@ def select_top(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "g
     if scope not in SCOPES:
         raise SparsetrainError(f"unknown selection scope {scope!r}; choose one of {', '.join(SCOPES)}")
     if scope == "layerwise":
-        return {n: top_k_flat(s.flatten(), kept_count(s.numel(), sparsity)).view_as(s) for n, s in scores.items()}
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    keep = top_k_flat(flat, kept_count(flat.numel(), sparsity))
-    return dict(zip(scores, (k.view_as(s) for k, s in zip(keep.split([s.numel() for s in scores.values()]), scores.values()))))
+        return {n: top_k([s], kept_count(s.numel(), sparsity))[0] for n, s in scores.items()}
+    total = sum(s.numel() for s in scores.values())
+    return dict(zip(scores, top_k(list(scores.values()), kept_count(total, sparsity))))
