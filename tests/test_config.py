@@ -182,3 +182,10 @@ def test_table1_recipes_follow_the_paper():
         else:
             assert config.prune.method == "snip"
             assert config.prune.sparsity == int(recipe.rsplit("-", 1)[1]) / 100
+
+
+def test_keys_of_recorded_runs_survive_new_settings():
+    # Computed before prune.structure and train.execution existed: adding a setting must not
+    # change the identity of runs already in a store (they would be re-run instead of found).
+    assert RunConfig().key() == "7c7510f30385eeb1"
+    assert RunConfig().replace(prune={"structure": "2:4", "sparsity": 0.5}).key() != RunConfig().replace(prune={"sparsity": 0.5}).key()

@@ -36,7 +36,8 @@ class PruneConfig:
     training split, summing gradients as spp-public). ``include_biases``: prune biases too, as
     snip-public. ``reinit``: after pruning, train a fresh draw of this init scheme instead of the
     scored weights (snip-public: ``variance-scaling-zero-bias``); empty keeps the scored weights.
-    ``method = "dense"`` trains the unpruned network."""
+    ``method = "dense"`` trains the unpruned network. ``structure``: ``"N:M"`` (e.g. ``"2:4"``;
+    needs ``sparsity = 1 - N/M``) or ``"blockRxC"`` (e.g. ``"block32x32"``); empty = unstructured."""
 
     method: str = "snip"
     sparsity: float = 0.95
@@ -44,6 +45,7 @@ class PruneConfig:
     include_biases: bool = False
     scope: str = "global"
     reinit: str = ""
+    structure: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class TrainConfig:
     ``val_every``: validation error every N iterations (0 = only at the end); the best one selects
     the best-validation checkpoint. ``test_every``: also record test error every N iterations, for
     the original's protocol (minimum over checkpoints), reported separately and never used to
-    choose the headline figure."""
+    choose the headline figure. ``execution``: ``dense`` trains the pruned Linear layers as dense
+    layers with zeros (masked gradients); ``sparse`` computes their forward and backward on the
+    kept weights only (``sparsetrain.sparse.training``; faster on CPU for wide, very sparse layers)."""
 
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -75,6 +79,7 @@ class TrainConfig:
     val_every: int = 1000
     test_every: int = 0
     checkpoint_every: int = 1000
+    execution: str = "dense"
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,11 @@ class RunConfig:
         """Hex identity of the results-relevant settings."""
         identity = self.to_dict()
         identity.pop("name")
+        # Settings added after runs were recorded stay out of the identity while they hold their
+        # default, so existing runs keep their keys (and are found again, and resume).
+        for section, key, default in _ADDED_LATER:
+            if identity[section].get(key, default) == default:
+                identity[section].pop(key, None)
         blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -133,6 +143,9 @@ class RunConfig:
             for s in ("prune", "train")
         ]
         return "\n".join(top) + "\n" + "\n".join(sections) + "\n"
+
+
+_ADDED_LATER = [("prune", "structure", ""), ("train", "execution", "dense")]
 
 
 def _checked(cls: type, data: dict[str, Any]) -> dict[str, Any]:

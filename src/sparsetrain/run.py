@@ -28,6 +28,7 @@ from .masks import GradientMask, Mask, apply_mask_, load_mask, mask_summary, ove
 from .models import MODELS, create_model
 from .pruning import METHODS, prune_at_init
 from .pruning.select import SCOPES, check_sparsity
+from .pruning.structured import parse_structure, structured_sparsity
 from .store import RunStore
 from .train.loop import resolve_device, train
 from .train.optim import OPTIMIZERS, SCHEDULES
@@ -57,6 +58,9 @@ def validate(config: RunConfig, training: bool = True) -> None:
     if config.prune.method != DENSE:
         METHODS.get(config.prune.method)
         check_sparsity(config.prune.sparsity)
+    structure = parse_structure(config.prune.structure)  # a "dense" run ignores it
+    if structure is not None and config.prune.method != DENSE:
+        structured_sparsity(structure, config.prune.sparsity)  # N:M fixes it at 1 - N/M
     if config.prune.reinit:
         INITS.get(config.prune.reinit)
     if config.prune.scope not in SCOPES:
@@ -91,6 +95,7 @@ def find_mask(config: RunConfig, model: torch.nn.Module, loaders) -> Mask | None
         include_biases=p.include_biases,
         scope=p.scope,
         seed=config.seed,
+        structure=p.structure,
     )
 
 

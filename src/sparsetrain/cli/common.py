@@ -21,6 +21,7 @@ OVERRIDES = {
     "include_biases": ("prune", "include_biases"),
     "scope": ("prune", "scope"),
     "reinit": ("prune", "reinit"),
+    "structure": ("prune", "structure"),
     "optimizer": ("train", "optimizer"),
     "lr": ("train", "lr"),
     "momentum": ("train", "momentum"),
@@ -49,6 +50,7 @@ def add_config_flags(p: argparse.ArgumentParser, training: bool = True) -> None:
     g.add_argument("--include-biases", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--scope", choices=["global", "layerwise"])
     g.add_argument("--reinit", help="train a fresh draw of this init scheme (snip-public style)")
+    g.add_argument("--structure", help='"2:4" (N:M; needs --sparsity 1-N/M), "block32x32", or "" (unstructured)')
     g.add_argument("--batch-size", type=int)
     if training:
         g.add_argument("--optimizer", help="sgd, adam or adamw")

@@ -9,7 +9,8 @@
     13310
 
 A method is one function registered in ``METHODS`` that returns a score per prunable entry
-(higher = more important); selection (global top-kappa, exact, deterministic ties) is shared.
+(higher = more important); selection (global top-kappa, exact, deterministic ties) is shared,
+and so is structured selection (``structure="2:4"`` or ``"block32x32"``, see :mod:`.structured`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..errors import SparsetrainError
 from ..masks import Mask, prunable_parameters
 from ..registry import Registry
 from .select import check_sparsity, select_top
+from .structured import parse_structure, select_structured, structured_sparsity
 
 METHODS = Registry("pruning method")
 
@@ -60,13 +62,14 @@ def prune_at_init(
     model: nn.Module,
     method: str = "snip",
     *,
-    sparsity: float,
+    sparsity: float | None = None,
     batches: Batch | Iterable[Batch] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     include_biases: bool = False,
     params: list[str] | None = None,
     scope: str = "global",
     seed: int = 0,
+    structure: str = "",
 ) -> Mask:
     """Return a mask (``{parameter name: bool tensor}``) keeping ``1 - sparsity`` of the
     prunable connections of ``model`` by ``method``'s scores. The model is not changed: apply
@@ -74,17 +77,32 @@ def prune_at_init(
 
     ``batches`` is one ``(inputs, targets)`` batch (SNIP's single mini-batch) or an iterable of
     them, whose gradients are summed (spp-public's whole-training-set variant).
+
+    ``structure``: ``""`` (unstructured), ``"N:M"`` (keep the top N of every M consecutive scores
+    of each row; ``sparsity`` is then 1 - N/M and may be left out) or ``"blockRxC"`` (whole
+    R x C tiles, kappa counting tiles); see :mod:`sparsetrain.pruning.structured`.
     """
-    sparsity = check_sparsity(sparsity)
+    layout = parse_structure(structure)
+    sparsity = check_sparsity(sparsity) if layout is None else structured_sparsity(layout, sparsity)
     scorer = METHODS.get(method)
     named = select_parameters(model, include_biases, params)
     generator = torch.Generator().manual_seed(seed)
     scores = scorer(model, named, as_batches(batches), loss_fn, generator)
-    return select_top(scores, sparsity, scope)
+    if layout is None:
+        return select_top(scores, sparsity, scope)
+    return select_structured(scores, layout, sparsity, scope)
 
 
 # Importing the methods fills the registry.
 from . import baselines, snip  # noqa: E402,F401
 from .snip import connection_sensitivity  # noqa: E402
 
-__all__ = ["METHODS", "connection_sensitivity", "list_methods", "prune_at_init", "select_top"]
+__all__ = [
+    "METHODS",
+    "connection_sensitivity",
+    "list_methods",
+    "parse_structure",
+    "prune_at_init",
+    "select_structured",
+    "select_top",
+]
