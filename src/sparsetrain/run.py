@@ -34,6 +34,7 @@ from .train.loop import resolve_device, train
 from .train.optim import OPTIMIZERS, SCHEDULES
 
 DENSE = "dense"  # the method name for the unpruned reference network
+EXECUTIONS = ("dense", "sparse")  # TrainConfig.execution
 
 
 def default_store_root() -> Path:
@@ -74,6 +75,11 @@ def validate(config: RunConfig, training: bool = True) -> None:
         )
     OPTIMIZERS.get(config.train.optimizer)
     SCHEDULES.get(config.train.schedule)
+    if config.train.execution not in EXECUTIONS:
+        raise SparsetrainError(
+            f"unknown execution {config.train.execution!r}; choose one of {', '.join(EXECUTIONS)} "
+            "(sparse: pruned Linear layers compute on their kept weights only)"
+        )
 
 
 def pruning_batches(loaders, count: int):
@@ -178,7 +184,18 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
     if mask is not None:
         mask = {n: m.to(device) for n, m in mask.items()}
         apply_mask_(model, mask)
-        hooks.append(GradientMask(model, mask))
+        if t.execution == "sparse":
+            from .sparse.training import sparsify_for_training_
+
+            # pruned Linear layers hold only their kept weights; the other masked parameters
+            # (conv, recurrent, ... and pruned biases) are still masked by GradientMask
+            model = sparsify_for_training_(model, mask)
+            remaining = dict(model.named_parameters())
+            dense_mask = {n: m for n, m in mask.items() if n in remaining}
+        else:
+            dense_mask = mask
+        if dense_mask:
+            hooks.append(GradientMask(model, dense_mask))
     sparsity = overall_sparsity(mask) if mask is not None else 0.0
     layers = layer_table(mask, model)
 

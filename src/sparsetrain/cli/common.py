@@ -34,6 +34,7 @@ OVERRIDES = {
     "batch_size": ("train", "batch_size"),
     "val_every": ("train", "val_every"),
     "test_every": ("train", "test_every"),
+    "execution": ("train", "execution"),
 }
 
 
@@ -64,6 +65,8 @@ def add_config_flags(p: argparse.ArgumentParser, training: bool = True) -> None:
         g.add_argument("--epochs", type=float)
         g.add_argument("--val-every", type=int)
         g.add_argument("--test-every", type=int, help="also record test error every N iterations")
+        g.add_argument("--execution", choices=["dense", "sparse"],
+                       help="sparse: pruned Linear layers train on their kept weights only (faster on CPU)")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any other setting, e.g. --set train.end_lr_factor=0.01 (TOML value syntax)")
     add_env_flags(p)
