@@ -18,6 +18,7 @@ from .masks import GradientMask, apply_mask_, format_sparsity_table, load_mask, 
 from .models import create_model, list_models
 from .pruning import connection_sensitivity, list_methods, prune_at_init
 from .run import RunOutcome, run
+from .sparse import format_sparse_report, load_sparse, save_sparse, sparse_report, to_sparse
 from .store import RunStore
 from .train.loop import TrainResult, evaluate, train
 
@@ -49,5 +50,10 @@ __all__ = [
     "prune_at_init",
     "run",
     "save_mask",
+    "format_sparse_report",
+    "load_sparse",
+    "save_sparse",
+    "sparse_report",
+    "to_sparse",
     "train",
 ]

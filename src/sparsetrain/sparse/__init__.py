@@ -1,0 +1,47 @@
+"""Sparse execution: run a pruned network with its zeros skipped for real.
+
+:func:`to_sparse` bakes a mask into a model and swaps each pruned ``nn.Linear`` / ``nn.Conv2d``
+for :class:`SparseLinear` / :class:`SparseConv2d` (CSR weights, 32-bit indices) where timing
+shows that is faster; :func:`save_sparse` / :func:`load_sparse` store the compressed arrays;
+:func:`sparse_report` / :func:`format_sparse_report` give per-layer layouts, sizes and times.
+:func:`csr_linear` / :func:`csr_matmul` on a :class:`CSRMatrix` are the kernels underneath.
+See :mod:`sparsetrain.sparse.convert` for a runnable example.
+"""
+
+from .convert import (
+    LAYOUTS,
+    SparseConv2d,
+    SparseLayerRow,
+    SparseLinear,
+    SparseReport,
+    clear_choice_cache,
+    format_sparse_report,
+    load_sparse,
+    save_sparse,
+    sparse_report,
+    to_sparse,
+)
+from .kernels import CSRMatrix, csr_linear, csr_matmul, extension_available, extension_error
+from .training import SparseTrainLinear, densify_after_training_, sparsify_for_training_
+
+__all__ = [
+    "SparseTrainLinear",
+    "densify_after_training_",
+    "sparsify_for_training_",
+    "CSRMatrix",
+    "LAYOUTS",
+    "SparseConv2d",
+    "SparseLayerRow",
+    "SparseLinear",
+    "SparseReport",
+    "clear_choice_cache",
+    "csr_linear",
+    "csr_matmul",
+    "extension_available",
+    "extension_error",
+    "format_sparse_report",
+    "load_sparse",
+    "save_sparse",
+    "sparse_report",
+    "to_sparse",
+]

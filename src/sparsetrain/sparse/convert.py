@@ -1,0 +1,620 @@
+"""Run a pruned network sparse: bake the mask, then replace each pruned ``nn.Linear`` /
+``nn.Conv2d`` by a module that stores only the nonzero weights (CSR, 32-bit indices) and skips
+the zeros, where that is faster.
+
+    >>> import torch, sparsetrain as st
+    >>> from sparsetrain.sparse import to_sparse, sparse_report, format_sparse_report
+    >>> model = st.create_model("lenet-300-100").eval()
+    >>> x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    >>> mask = st.prune_at_init(model, "snip", sparsity=0.98, batches=(x, y))
+    >>> fast = to_sparse(model, mask, batch_size=64, input_shape=(1, 28, 28))
+    >>> dense = st.apply_mask_(model, mask)
+    >>> with torch.no_grad():
+    ...     bool(torch.allclose(fast(x), dense(x), rtol=1e-4, atol=1e-5))
+    True
+    >>> rows = sparse_report(fast)           # per layer: layout chosen, nnz, bytes, measured times
+    >>> print(format_sparse_report(rows))    # doctest: +SKIP
+
+How the layout is chosen. ``to_sparse`` runs one dummy batch of ``(batch_size, *input_shape)``
+through the model with forward hooks to record each layer's real input shape, then times every
+candidate on a random input of that shape, interleaved, and keeps the one with the smallest median
+time; dense wins ties. The candidates are ``"dense"`` (the original layer, mask baked) and
+``"csr"`` with two backends: ``"kernel"`` (sparsetrain's C++ kernel, see
+:mod:`sparsetrain.sparse.kernels`) and ``"torch"`` (``torch.sparse_csr_tensor``, i.e. MKL's sparse
+BLAS on CPU). ``layouts=("csr",)`` forces the sparse layout (the backend is still timed when
+``input_shape`` is given, else the C++ kernel is taken); ``layouts=("dense",)`` converts nothing. Choices are cached in-process by (layer kind,
+shape, nnz, input shape, threads, dtype, device, candidates), so converting the same model again
+does not re-time. Each layer keeps its choice and times in ``.sparse_choice`` (a dict).
+
+Which layers are candidates: ``nn.Linear`` and ``nn.Conv2d`` (exactly these types, not
+subclasses; zero padding given as numbers; not inside ``nn.MultiheadAttention`` or
+``nn.Transformer*Layer``, which read their children's weights directly) whose weight is in ``mask`` (with ``mask=None``: whose weight has at least one exact zero). A
+``nn.Conv2d`` runs as the sparse matrix (out, C*kh*kw) times its unfolded input ``F.unfold(x)``
+(B, C*kh*kw, L); groups become a block-diagonal matrix.
+
+The sparse modules are for inference: they hold their arrays as buffers, not parameters, and
+refuse inputs that require gradients. Files: :func:`save_sparse` writes a safetensors file with
+the model's state dict (the sparse layers' ``crow_indices``, ``col_indices``, ``values``, ``bias``
+in place of ``weight``) plus JSON metadata of layouts and shapes; :func:`load_sparse` rebuilds the
+model from a factory or a template of the dense architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import SparsetrainError
+from ..masks import Mask, check_mask
+from .kernels import CSRMatrix, csr_linear, csr_matmul, extension_available
+
+__all__ = [
+    "LAYOUTS",
+    "SparseConv2d",
+    "SparseLayerRow",
+    "SparseLinear",
+    "SparseReport",
+    "format_sparse_report",
+    "load_sparse",
+    "save_sparse",
+    "sparse_report",
+    "to_sparse",
+]
+
+LAYOUTS = ("dense", "csr")
+BACKENDS = ("kernel", "torch")
+FORMAT = "sparsetrain.sparse/1"
+_META_KEY = "sparsetrain.sparse"
+
+
+# ----------------------------------------------------------------------------- sparse modules
+
+
+class _SparseBase(nn.Module):
+    """Holds one CSR matrix as buffers; ``backend`` is "kernel", "torch" or "auto"."""
+
+    def _init_csr(self, W: CSRMatrix, bias: torch.Tensor | None, backend: str) -> None:
+        if backend not in ("auto", *BACKENDS):
+            raise SparsetrainError(f"unknown backend {backend!r}; choose from 'auto', 'kernel', 'torch'")
+        self.register_buffer("crow_indices", W.crow_indices)
+        self.register_buffer("col_indices", W.col_indices)
+        self.register_buffer("values", W.values)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.matrix_shape = tuple(W.shape)
+        self.backend = backend
+        self.sparse_choice: dict = {"layout": "csr", "backend": backend}
+        self._csr: CSRMatrix | None = None
+
+    @property
+    def csr(self) -> CSRMatrix:
+        """The CSR view of the buffers (rebuilt when ``.to()`` or loading replaced them)."""
+        c = self._csr
+        if c is None or c.values is not self.values or c.col_indices is not self.col_indices or c.crow_indices is not self.crow_indices:
+            c = self._csr = CSRMatrix(self.crow_indices, self.col_indices, self.values, self.matrix_shape)
+        return c
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise SparsetrainError(
+                f"{type(self).__name__} is for inference and has no gradients; run it under torch.no_grad() "
+                "or torch.inference_mode(), and train the dense masked model instead"
+            )
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.crow_indices, self.col_indices, self.values)) + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        )
+
+
+class SparseLinear(_SparseBase):
+    """``nn.Linear`` with a CSR weight: ``y = x @ W^T + b``, x (..., in) -> (..., out).
+
+    For a 2-D input the output may be a transposed view (strides (1, B)); a following sparse layer
+    reads it without a copy. Build it with :meth:`from_dense` or :func:`to_sparse`."""
+
+    def __init__(self, weight: CSRMatrix, bias: torch.Tensor | None = None, backend: str = "auto"):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self._init_csr(weight, bias, backend)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, backend: str = "auto") -> "SparseLinear":
+        return cls(CSRMatrix.from_dense(linear.weight), linear.bias, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return csr_linear(x, self.csr, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, backend={self.backend}"
+
+
+class SparseConv2d(_SparseBase):
+    """``nn.Conv2d`` (zero padding) as a CSR matrix (out, C*kh*kw) times ``F.unfold(x)``.
+
+    Groups are folded into the column indices (a block-diagonal matrix over all input channels)."""
+
+    def __init__(
+        self,
+        weight: CSRMatrix,
+        bias: torch.Tensor | None,
+        *,
+        in_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.out_channels = weight.shape[0]
+        self.in_channels = in_channels
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation, self.groups = tuple(padding), tuple(dilation), groups
+        if weight.shape[1] != in_channels * math.prod(self.kernel_size):
+            raise SparsetrainError(f"a {weight.shape} matrix does not fit {in_channels} channels x {kernel_size} kernels")
+        self._init_csr(weight, bias, backend)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, backend: str = "auto") -> "SparseConv2d":
+        if not _convertible_conv(conv):
+            raise SparsetrainError(f"{conv} cannot run sparse: only zero padding given as numbers is supported")
+        out_c, cg = conv.out_channels, conv.in_channels // conv.groups
+        kg = cg * math.prod(conv.kernel_size)  # columns per group
+        W = CSRMatrix.from_dense(conv.weight.detach().reshape(out_c, kg))  # (out, Cg*kh*kw)
+        if conv.groups > 1:  # shift each row's columns to its group's block of unfolded channels
+            rows = torch.repeat_interleave(torch.arange(out_c), (W.crow_indices[1:] - W.crow_indices[:-1]).long())
+            group = rows // (out_c // conv.groups)
+            cols = (W.col_indices.long() + group * kg).to(torch.int32)
+            W = CSRMatrix(W.crow_indices, cols, W.values, (out_c, conv.in_channels * math.prod(conv.kernel_size)))
+        return cls(
+            W, conv.bias, in_channels=conv.in_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, backend=backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise SparsetrainError(f"SparseConv2d expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
+        B, _, H, W_ = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        Wo = (W_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)  # (B, K, L)
+        if self.backend == "torch":
+            K, L = cols.shape[1], cols.shape[2]
+            y = csr_matmul(self.csr, cols.transpose(0, 1).reshape(K, B * L), self.bias, backend="torch")  # (out, B*L)
+            y = y.view(self.out_channels, B, L).transpose(0, 1)
+        else:
+            y = csr_matmul(self.csr, cols, self.bias, backend=self.backend)  # (B, out, L)
+        y = y.reshape(B, self.out_channels, Ho, Wo)
+        return y[0] if unbatched else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, nnz={self.nnz}, backend={self.backend}"
+        )
+
+    def geometry(self) -> dict:
+        return {
+            "in_channels": self.in_channels, "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+            "padding": list(self.padding), "dilation": list(self.dilation), "groups": self.groups,
+        }
+
+
+def _convertible_conv(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def _sparse_from_dense(layer: nn.Module, backend: str) -> _SparseBase:
+    return SparseLinear.from_dense(layer, backend) if isinstance(layer, nn.Linear) else SparseConv2d.from_dense(layer, backend)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+# (kind, weight shape, nnz, input shape, threads, dtype, device, candidates) -> (choice, times)
+_CHOICE_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
+_CACHE_SIZE = 512
+
+
+def clear_choice_cache() -> None:
+    """Forget the remembered layout choices (the next conversion times every layer again)."""
+    _CHOICE_CACHE.clear()
+
+
+def to_sparse(
+    model: nn.Module,
+    mask: Mask | None = None,
+    *,
+    batch_size: int = 1,
+    input_shape: Iterable[int] | None = None,
+    layouts: Iterable[str] | None = None,
+    repeats: int = 15,
+    device: str | torch.device = "cpu",
+    inplace: bool = False,
+) -> nn.Module:
+    """A copy of ``model`` (``model`` itself if ``inplace``) with ``mask`` baked in and each pruned
+    Linear/Conv2d replaced by :class:`SparseLinear` / :class:`SparseConv2d` where that is faster.
+
+    ``mask``: ``{parameter name: bool tensor}`` as :func:`sparsetrain.prune_at_init` returns;
+    ``None`` takes the zeros already in the weights. ``batch_size`` and ``input_shape`` (one
+    example's shape, e.g. ``(1, 28, 28)``) define the dummy batch whose per-layer input shapes the
+    timings use; ``input_shape`` is required unless ``layouts`` names one layout. ``layouts``:
+    candidates among :data:`LAYOUTS` (default both: timed, fastest kept). ``repeats``: timed
+    calls per candidate (median). The model is moved to ``device``; the result is for inference.
+    """
+    candidates = _check_layouts(layouts)
+    if batch_size < 1 or int(batch_size) != batch_size:
+        raise SparsetrainError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if repeats < 1:
+        raise SparsetrainError(f"repeats must be at least 1, got {repeats!r}")
+    if not isinstance(model, nn.Module):
+        raise SparsetrainError(f"to_sparse needs an nn.Module, got {type(model).__name__}")
+    if mask is not None:
+        check_mask(mask, model)
+    target = model if inplace else copy.deepcopy(model)
+    target.to(device)
+    params = dict(target.named_parameters())
+    if mask is not None:
+        with torch.no_grad():
+            for name, m in mask.items():
+                params[name].mul_(m.to(params[name].device))
+
+    layers = _candidate_layers(target, mask)
+    # Forced sparse without an input shape: the C++ kernel (first backend) untimed. Otherwise the
+    # candidates (dense and/or the two CSR backends) are timed on each layer's real input.
+    if "dense" not in candidates and input_shape is None:
+        candidates = candidates[:1]
+    needs_timing = len(candidates) > 1 and bool(layers)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if needs_timing:
+        if input_shape is None:
+            raise SparsetrainError(
+                "to_sparse needs input_shape (one example's shape, e.g. input_shape=(1, 28, 28)) to time the "
+                "layers on their real inputs; or pass layouts=('csr',) to convert without timing"
+            )
+        shapes = _record_input_shapes(target, layers, (int(batch_size), *tuple(input_shape)), device)
+
+    threads = torch.get_num_threads()
+    for name, layer in layers.items():
+        weight = layer.weight.detach()
+        if not needs_timing:
+            choice, times = candidates[0], {}
+        elif name not in shapes:  # never called by forward: nothing to time it on
+            choice, times = "dense", {}
+        else:
+            key = (
+                type(layer).__name__, tuple(weight.shape), _geometry_key(layer), int((weight != 0).sum()),
+                shapes[name], threads, str(weight.dtype), str(weight.device), candidates,
+            )
+            if key not in _CHOICE_CACHE:
+                if len(_CHOICE_CACHE) >= _CACHE_SIZE:
+                    _CHOICE_CACHE.pop(next(iter(_CHOICE_CACHE)))
+                _CHOICE_CACHE[key] = _choose(layer, shapes[name], candidates, repeats)
+            choice, times = _CHOICE_CACHE[key]
+        info = {
+            "layout": "dense" if choice == "dense" else "csr",
+            "backend": choice.split(":")[1] if ":" in choice else None,
+            "input_shape": list(shapes[name]) if name in shapes else None,
+            "times": dict(times),
+        }
+        if choice == "dense":
+            layer.sparse_choice = info
+        else:
+            sparse = _sparse_from_dense(layer, info["backend"])
+            sparse.sparse_choice = info
+            _set_submodule(target, name, sparse)
+    return target
+
+
+def _check_layouts(layouts: Iterable[str] | None) -> tuple[str, ...]:
+    """Candidates as ``("dense", "csr:kernel", "csr:torch")`` (csr:kernel only where it builds)."""
+    if layouts is None:
+        layouts = LAYOUTS
+    if isinstance(layouts, str):
+        layouts = (layouts,)
+    layouts = tuple(layouts)
+    unknown = [x for x in layouts if x not in LAYOUTS]
+    if unknown or not layouts:
+        raise SparsetrainError(f"unknown layouts {unknown or layouts}; choose from {LAYOUTS}, e.g. layouts=('csr',)")
+    out: list[str] = []
+    if "dense" in layouts:
+        out.append("dense")
+    if "csr" in layouts:
+        out += ["csr:kernel", "csr:torch"] if extension_available() else ["csr:torch"]
+    return tuple(out)
+
+
+_WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _candidate_layers(model: nn.Module, mask: Mask | None) -> dict[str, nn.Module]:
+    """Linear/Conv2d layers whose weight is masked (or, without a mask, has a zero), model order."""
+    found = {}
+    # These parents read their children's .weight directly (fused fast paths): keep those dense.
+    opaque = [n + "." for n, m in model.named_modules() if isinstance(m, _WEIGHT_READERS)]
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in opaque):
+            continue
+        # Exact types only: subclasses may compute differently, and some (MultiheadAttention's
+        # out_proj) are never called, their weight being read directly by the parent.
+        if not (type(module) is nn.Linear or (type(module) is nn.Conv2d and _convertible_conv(module))):
+            continue
+        wname = f"{name}.weight" if name else "weight"
+        if (wname in mask) if mask is not None else bool((module.weight == 0).any()):
+            found[name] = module
+    return found
+
+
+def _geometry_key(layer: nn.Module) -> tuple:
+    if isinstance(layer, nn.Conv2d):
+        return (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return ()
+
+
+def _record_input_shapes(model: nn.Module, layers: dict[str, nn.Module], shape: tuple[int, ...], device) -> dict:
+    """Each layer's input shape in one forward pass of a random batch of ``shape`` (eval mode, no
+    gradients: batch-norm statistics are not touched)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name):
+        def record(module, args):
+            if name not in shapes and args and isinstance(args[0], torch.Tensor):
+                shapes[name] = tuple(args[0].shape)
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    modes = {m: m.training for m in model.modules()}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(shape, dtype=dtype, device=device))
+    except SparsetrainError:
+        raise
+    except Exception as exc:
+        raise SparsetrainError(
+            f"a dummy batch of shape {shape} does not fit the model ({type(exc).__name__}: {exc}); pass the shape of "
+            "one example as input_shape, e.g. input_shape=(1, 28, 28) for MNIST"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return shapes
+
+
+def _choose(layer: nn.Module, in_shape: tuple[int, ...], candidates: tuple[str, ...], repeats: int):
+    """Time the candidates on a random input of ``in_shape``; the fastest median wins (dense on ties)."""
+    w = layer.weight
+    x = torch.randn(in_shape, dtype=w.dtype, device=w.device)
+    fns: dict[str, Callable[[], torch.Tensor]] = {}
+    for c in candidates:
+        fns[c] = layer if c == "dense" else _sparse_from_dense(layer, c.split(":")[1])
+    times = _time_interleaved({c: (lambda m=m: m(x)) for c, m in fns.items()}, repeats, w.device)
+    best = min(candidates, key=lambda c: (times[c], c != "dense"))
+    return best, times
+
+
+def _time_interleaved(fns: dict[str, Callable], repeats: int, device) -> dict[str, float]:
+    """Median seconds per call, the candidates taking turns so background load hits all alike."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for fn in fns.values():  # warm-up (first-call allocations, lazy kernel build)
+            fn()
+        sync()
+        per_round = time.perf_counter() - t0
+        rounds = max(3, min(repeats, int(2.0 / max(per_round, 1e-9))))  # at most ~2 s per layer
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                sync()
+                samples[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class SparseLayerRow:
+    """One layer of :func:`sparse_report`. Bytes count the weight and bias as stored:
+    dense = (M*K + M) * itemsize; csr = 4 (M + 1) + (4 + itemsize) nnz + M * itemsize.
+    ``params`` = stored parameters (nnz + bias), ``dense_params`` = weight + bias entries.
+    Times are the medians measured at conversion (seconds; ``None`` when not timed)."""
+
+    name: str
+    kind: str
+    layout: str
+    backend: str | None
+    shape: tuple[int, ...]
+    nnz: int
+    params: int
+    dense_params: int
+    dense_bytes: int
+    stored_bytes: int
+    dense_time: float | None
+    sparse_time: float | None
+
+
+class SparseReport(list):
+    """A list of :class:`SparseLayerRow`, with ``.total`` summing them (times summed where known)."""
+
+    @property
+    def total(self) -> SparseLayerRow:
+        def tsum(attr):
+            vals = [getattr(r, attr) for r in self]
+            return None if not vals or any(v is None for v in vals) else sum(vals)
+
+        return SparseLayerRow(
+            "total", "", "", None, (), sum(r.nnz for r in self), sum(r.params for r in self),
+            sum(r.dense_params for r in self), sum(r.dense_bytes for r in self), sum(r.stored_bytes for r in self),
+            tsum("dense_time"), tsum("sparse_time"),
+        )
+
+
+def sparse_report(model: nn.Module) -> SparseReport:
+    """One row per Linear/Conv2d layer, dense or sparse, in model order (see :class:`SparseLayerRow`)."""
+    rows = SparseReport()
+    for name, m in model.named_modules():
+        if isinstance(m, (SparseLinear, SparseConv2d)):
+            kind = "Linear" if isinstance(m, SparseLinear) else "Conv2d"
+            shape = (m.out_features, m.in_features) if kind == "Linear" else (
+                m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+            itemsize = m.values.element_size()
+            nbias = 0 if m.bias is None else m.bias.numel()
+            dense_params = math.prod(shape) + nbias
+            layout, backend, stored, nnz = "csr", m.backend, m.stored_bytes(), m.nnz
+            params = nnz + nbias
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            kind = "Linear" if isinstance(m, nn.Linear) else "Conv2d"
+            shape = tuple(m.weight.shape)
+            itemsize = m.weight.element_size()
+            nbias = 0 if m.bias is None else m.bias.numel()
+            dense_params = m.weight.numel() + nbias
+            layout, backend, stored, nnz = "dense", None, dense_params * itemsize, int((m.weight != 0).sum())
+            params = dense_params
+        else:
+            continue
+        times = (getattr(m, "sparse_choice", None) or {}).get("times", {})
+        sparse_times = [t for k, t in times.items() if k != "dense"]
+        chosen = f"csr:{backend}" if layout == "csr" else None
+        rows.append(SparseLayerRow(
+            name, kind, layout, backend, shape, nnz, params, dense_params, dense_params * itemsize, stored,
+            times.get("dense"), times.get(chosen) if chosen in times else (min(sparse_times) if sparse_times else None),
+        ))
+    return rows
+
+
+def format_sparse_report(report: SparseReport | nn.Module) -> str:
+    """The report as a text table (pass a report or a converted model)."""
+    rows = report if isinstance(report, list) else sparse_report(report)
+    rows = rows if isinstance(rows, SparseReport) else SparseReport(rows)
+
+    def ms(t):
+        return "-" if t is None else f"{t * 1e3:.3f}"
+
+    width = max([len(r.name) for r in rows] + [5])
+    head = (f"{'layer':<{width}}  {'kind':<6} {'layout':<10} {'shape':<18} {'nnz':>10} {'params':>10} "
+            f"{'dense B':>11} {'stored B':>11} {'stored':>7} {'dense ms':>9} {'sparse ms':>9} {'speed-up':>8}")
+    lines = [head]
+    for r in [*rows, rows.total]:
+        layout = r.layout + (f":{r.backend}" if r.backend else "")
+        frac = f"{r.stored_bytes / r.dense_bytes:.1%}" if r.dense_bytes else "-"
+        speed = (f"{r.dense_time / r.sparse_time:.2f}x" if r.dense_time and r.sparse_time and r.layout == "csr"
+                 else "-")
+        shape = str(r.shape) if r.shape else ""
+        lines.append(f"{r.name:<{width}}  {r.kind:<6} {layout:<10} {shape:<18} {r.nnz:>10} {r.params:>10} "
+                     f"{r.dense_bytes:>11} {r.stored_bytes:>11} {frac:>7} {ms(r.dense_time):>9} "
+                     f"{ms(r.sparse_time):>9} {speed:>8}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_sparse(model: nn.Module, path: str | Path) -> None:
+    """Write a converted model: its state dict as safetensors (sparse layers as ``crow_indices``,
+    ``col_indices``, ``values``, ``bias``) plus JSON metadata (format, layouts, shapes, times)."""
+    from ..state_io import save_tensors
+
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _SparseBase):
+            entry = {"kind": "Linear" if isinstance(m, SparseLinear) else "Conv2d", "layout": "csr",
+                     "backend": m.backend, "shape": list(m.matrix_shape), "nnz": m.nnz, "has_bias": m.bias is not None,
+                     "choice": m.sparse_choice}
+            if isinstance(m, SparseConv2d):
+                entry["conv"] = m.geometry()
+            layers[name] = entry
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "sparse_choice", None) is not None:
+            layers[name] = {"kind": type(m).__name__, "layout": "dense", "choice": m.sparse_choice}
+    meta = {"format": FORMAT, "layers": layers}
+    save_tensors(path, dict(model.state_dict()), {_META_KEY: json.dumps(meta)})
+
+
+def load_sparse(path: str | Path, model: nn.Module | Callable[[], nn.Module], *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model written by :func:`save_sparse`. ``model``: the dense architecture, either a
+    template module (copied, not changed) or a factory called with no arguments."""
+    from ..state_io import load_tensors
+
+    tensors, raw = load_tensors(path)
+    try:
+        meta = json.loads(raw[_META_KEY])
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        layers = meta["layers"]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise SparsetrainError(f"{path} is not a sparse model file written by save_sparse ({exc})") from exc
+    if isinstance(model, nn.Module):
+        target = copy.deepcopy(model)
+    elif callable(model):
+        target = model()
+        if not isinstance(target, nn.Module):
+            raise SparsetrainError(f"the model factory returned {type(target).__name__}, not an nn.Module")
+    else:
+        raise SparsetrainError("load_sparse needs a template nn.Module or a factory that builds one")
+
+    for name, entry in layers.items():
+        try:
+            dense = target.get_submodule(name)
+        except AttributeError as exc:
+            raise SparsetrainError(f"{path} has a layer {name!r} that the given model lacks; wrong architecture?") from exc
+        if entry["layout"] == "dense":
+            dense.sparse_choice = entry.get("choice")
+            continue
+        prefix = f"{name}." if name else ""
+        try:
+            W = CSRMatrix(tensors[prefix + "crow_indices"], tensors[prefix + "col_indices"], tensors[prefix + "values"],
+                          tuple(entry["shape"]))
+        except KeyError as exc:
+            raise SparsetrainError(f"{path} lacks the arrays of sparse layer {name!r}; the file is damaged") from exc
+        W.validate()
+        bias = tensors.get(prefix + "bias") if entry.get("has_bias") else None
+        if entry["kind"] == "Linear":
+            if not isinstance(dense, nn.Linear) or (dense.out_features, dense.in_features) != W.shape:
+                raise SparsetrainError(f"layer {name!r} of the given model is not a Linear of shape {W.shape}")
+            sparse: _SparseBase = SparseLinear(W, bias, entry["backend"])
+        else:
+            g = entry["conv"]
+            if not isinstance(dense, nn.Conv2d) or dense.out_channels != W.shape[0] or dense.in_channels != g["in_channels"]:
+                raise SparsetrainError(f"layer {name!r} of the given model is not the Conv2d the file holds")
+            sparse = SparseConv2d(W, bias, in_channels=g["in_channels"], kernel_size=tuple(g["kernel_size"]),
+                                  stride=tuple(g["stride"]), padding=tuple(g["padding"]), dilation=tuple(g["dilation"]),
+                                  groups=g["groups"], backend=entry["backend"])
+        sparse.sparse_choice = entry.get("choice") or sparse.sparse_choice
+        _set_submodule(target, name, sparse)
+    try:
+        target.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise SparsetrainError(f"{path} does not fit the given model: {exc}") from exc
+    return target.to(device)

@@ -1,0 +1,270 @@
+"""Sparse execution equals the dense masked model; kernels against F.linear; files; report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsetrain as st
+from sparsetrain.errors import SparsetrainError
+from sparsetrain.sparse import (
+    CSRMatrix,
+    SparseConv2d,
+    SparseLinear,
+    clear_choice_cache,
+    csr_linear,
+    csr_matmul,
+    extension_available,
+    format_sparse_report,
+    load_sparse,
+    save_sparse,
+    sparse_report,
+    to_sparse,
+)
+from sparsetrain.sparse import convert as convert_module
+
+INPUT = (1, 16, 16)
+BACKENDS = ["torch", pytest.param("kernel", marks=pytest.mark.skipif(not extension_available(), reason="no C++ kernel"))]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def models_with_layers() -> list[str]:
+    names = []
+    for name in st.list_models():
+        model = st.create_model(name, input_shape=INPUT)
+        if any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
+            names.append(name)
+    return names
+
+
+def pruned(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = st.create_model(name, input_shape=INPUT).eval()
+    x, y = torch.randn(8, *INPUT), torch.randint(0, 10, (8,))
+    mask = st.prune_at_init(model, "snip", sparsity=0.9, batches=(x, y))
+    return model, mask, x
+
+
+def random_sparse(shape, density, empty_rows=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < density)
+    for r in empty_rows:
+        w[r] = 0
+    return w
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 3, 64])
+@pytest.mark.parametrize("shape,density", [((7, 5), 0.5), ((37, 100), 0.1), ((128, 65), 0.03), ((20, 300), 0.0)])
+def test_csr_linear_equals_f_linear(backend, batch, shape, density):
+    w = random_sparse(shape, density, empty_rows=(0, shape[0] // 2), seed=batch)
+    x, b = torch.randn(batch, shape[1]), torch.randn(shape[0])
+    W = CSRMatrix.from_dense(w)
+    assert W.crow_indices.dtype == W.col_indices.dtype == torch.int32
+    assert torch.equal(W.to_dense(), w)
+    for bias in (b, None):
+        ref = F.linear(x, w, bias)
+        out = csr_linear(x, W, bias, backend=backend)
+        assert out.shape == ref.shape
+        assert rel_err(out, ref) <= 1e-5 if ref.norm() > 0 else torch.equal(out, ref)
+    # a transposed (non-contiguous) input and a 3-D input give the same result
+    assert rel_err(csr_linear(x.t().contiguous().t(), W, b, backend=backend), F.linear(x, w, b)) <= 1e-5
+    x3 = torch.randn(2, batch, shape[1])
+    assert rel_err(csr_linear(x3, W, b, backend=backend), F.linear(x3, w, b)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_csr_matmul_batched_and_float64(backend):
+    w = random_sparse((33, 70), 0.2, empty_rows=(3,)).double()
+    X, b = torch.randn(4, 70, 19, dtype=torch.float64), torch.randn(33, dtype=torch.float64)
+    out = csr_matmul(CSRMatrix.from_dense(w), X, b, backend=backend)
+    assert out.dtype == torch.float64
+    assert rel_err(out, w @ X + b[:, None]) <= 1e-12
+
+
+def test_csr_validate_rejects_out_of_range_indices():
+    W = CSRMatrix.from_dense(random_sparse((4, 6), 0.5))
+    bad = CSRMatrix(W.crow_indices, torch.full_like(W.col_indices, 6), W.values, W.shape)
+    with pytest.raises(SparsetrainError, match="corrupt CSR"):
+        bad.validate()
+    with pytest.raises(SparsetrainError, match="int32"):
+        CSRMatrix(W.crow_indices.long(), W.col_indices, W.values, W.shape)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("name", models_with_layers())
+def test_forced_sparse_equals_dense_masked(name):
+    model, mask, x = pruned(name)
+    for backend in ["torch"] + (["kernel"] if extension_available() else []):
+        sparse = to_sparse(model, mask, layouts=("csr",))
+        for m in sparse.modules():  # pin the backend so both are exercised
+            if isinstance(m, (SparseLinear, SparseConv2d)):
+                m.backend = backend
+        dense = _masked_copy(model, mask)
+        converted = [m for m in sparse.modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+        expected = [n for n in mask if n.endswith("weight") and "encoder" not in n and type(
+            dense.get_submodule(n.rpartition(".")[0])) in (nn.Linear, nn.Conv2d)]
+        assert len(converted) == len(expected) > 0
+        with torch.no_grad():
+            assert rel_err(sparse(x), dense(x)) <= 1e-5
+
+
+def _masked_copy(model, mask):
+    import copy
+
+    return st.apply_mask_(copy.deepcopy(model), mask)
+
+
+@pytest.mark.parametrize("name", ["lenet-300-100", "lenet-5-caffe", "resnet-tiny"])
+def test_auto_choice_is_never_slower_than_dense_in_its_own_timing(name):
+    model, mask, x = pruned(name)
+    clear_choice_cache()
+    sparse = to_sparse(model, mask, batch_size=8, input_shape=INPUT, repeats=3)
+    rows = sparse_report(sparse)
+    assert rows and all(r.dense_time is not None for r in rows if r.name in _layer_names(mask))
+    for m in sparse.modules():
+        choice = getattr(m, "sparse_choice", None)
+        if choice is None:
+            continue
+        times = choice["times"]
+        picked = "dense" if choice["layout"] == "dense" else f"csr:{choice['backend']}"
+        assert times[picked] == min(times.values()) and times[picked] <= times["dense"]
+    with torch.no_grad():
+        assert rel_err(sparse(x), _masked_copy(model, mask)(x)) <= 1e-5
+
+
+def _layer_names(mask):
+    return {n.rpartition(".")[0] for n in mask}
+
+
+def test_second_conversion_does_not_retime(monkeypatch):
+    model, mask, _ = pruned("lenet-300-100")
+    clear_choice_cache()
+    first = to_sparse(model, mask, batch_size=4, input_shape=INPUT, repeats=3)
+    calls = []
+    monkeypatch.setattr(convert_module, "_choose", lambda *a, **k: calls.append(a) or ("dense", {}))
+    second = to_sparse(model, mask, batch_size=4, input_shape=INPUT, repeats=3)
+    assert calls == []
+    assert [r.layout for r in sparse_report(first)] == [r.layout for r in sparse_report(second)]
+    to_sparse(model, mask, batch_size=5, input_shape=INPUT, repeats=3)  # another batch size: timed anew
+    assert calls
+
+
+def test_mask_none_uses_zeros_in_weights_and_original_is_untouched():
+    model, mask, x = pruned("lenet-5-caffe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = _masked_copy(model, mask)
+    sparse = to_sparse(dense, None, layouts=("csr",))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in sparse.modules()) == 4
+    with torch.no_grad():
+        assert rel_err(sparse(x), dense(x)) <= 1e-5
+
+
+def test_grouped_strided_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 9, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=3)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.4)
+    x = torch.randn(2, 6, 11, 10)
+    for backend in ["torch"] + (["kernel"] if extension_available() else []):
+        sparse = SparseConv2d.from_dense(conv, backend)
+        with torch.no_grad():
+            assert rel_err(sparse(x), conv(x)) <= 1e-5
+            assert rel_err(sparse(x[0]), conv(x[0])) <= 1e-5
+
+
+def test_sparse_modules_refuse_gradients():
+    sparse = SparseLinear.from_dense(nn.Linear(4, 3))
+    with pytest.raises(SparsetrainError, match="no_grad"):
+        sparse(torch.randn(2, 4, requires_grad=True))
+
+
+# ----------------------------------------------------------------------------- files and report
+
+
+def test_save_load_round_trip(tmp_path):
+    model, mask, x = pruned("lenet-5-caffe")
+    sparse = to_sparse(model, mask, batch_size=2, input_shape=INPUT, repeats=3)
+    sparse.get_submodule("0").sparse_choice  # every candidate carries its choice
+    path = tmp_path / "sparse.safetensors"
+    save_sparse(sparse, path)
+    factory = lambda: st.create_model("lenet-5-caffe", input_shape=INPUT).eval()  # noqa: E731
+    for source in (factory, factory()):
+        loaded = load_sparse(path, source)
+        assert [(r.name, r.layout, r.nnz, r.stored_bytes, r.dense_time) for r in sparse_report(loaded)] == [
+            (r.name, r.layout, r.nnz, r.stored_bytes, r.dense_time) for r in sparse_report(sparse)
+        ]
+        with torch.no_grad():
+            assert torch.equal(loaded(x), sparse(x))
+    forced = to_sparse(model, mask, layouts=("csr",))
+    save_sparse(forced, path)
+    from sparsetrain.state_io import load_tensors
+
+    tensors, _ = load_tensors(path)
+    assert tensors["0.crow_indices"].dtype == torch.int32 and "0.weight" not in tensors
+    with torch.no_grad():
+        assert torch.equal(load_sparse(path, factory)(x), forced(x))
+    with pytest.raises(SparsetrainError):
+        load_sparse(path, lambda: st.create_model("lenet-300-100", input_shape=INPUT))
+
+
+def test_report_byte_counts_follow_the_formula():
+    model, mask, _ = pruned("lenet-300-100")
+    sparse = to_sparse(model, mask, layouts=("csr",))
+    rows = sparse_report(sparse)
+    assert [r.name for r in rows] == ["1", "3", "5"]
+    for r in rows:
+        M, K = r.shape
+        nnz = int(mask[f"{r.name}.weight"].sum())
+        assert r.nnz == nnz and r.layout == "csr"
+        assert r.dense_bytes == 4 * (M * K + M)
+        assert r.stored_bytes == 4 * (M + 1) + 8 * nnz + 4 * M
+        assert r.params == nnz + M and r.dense_params == M * K + M
+    assert rows.total.stored_bytes == sum(r.stored_bytes for r in rows)
+    text = format_sparse_report(rows)
+    assert "total" in text and "csr" in text
+    dense_rows = sparse_report(to_sparse(model, mask, layouts=("dense",)))
+    assert all(r.layout == "dense" and r.stored_bytes == r.dense_bytes for r in dense_rows)
+
+
+def test_large_layer_stores_about_ten_percent():
+    w = random_sparse((512, 512), 0.05)
+    W = CSRMatrix.from_dense(w)
+    assert W.nbytes == 4 * 513 + 8 * W.nnz
+    assert W.nbytes <= 0.12 * w.numel() * 4
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_mask_that_does_not_fit_is_rejected():
+    model = st.create_model("lenet-300-100", input_shape=INPUT)
+    with pytest.raises(SparsetrainError, match="does not fit"):
+        to_sparse(model, {"1.weight": torch.ones(3, 3, dtype=torch.bool)}, layouts=("csr",))
+    with pytest.raises(SparsetrainError, match="not a parameter"):
+        to_sparse(model, {"nope.weight": torch.ones(3, 3, dtype=torch.bool)}, layouts=("csr",))
+
+
+def test_bad_options_are_rejected():
+    model, mask, _ = pruned("mlp-tiny")
+    with pytest.raises(SparsetrainError, match="layouts"):
+        to_sparse(model, mask, layouts=("coo",))
+    with pytest.raises(SparsetrainError, match="input_shape"):
+        to_sparse(model, mask)
+    with pytest.raises(SparsetrainError, match="does not fit"):
+        to_sparse(model, mask, input_shape=(3, 5, 5))
+    with pytest.raises(SparsetrainError, match="batch_size"):
+        to_sparse(model, mask, batch_size=0, input_shape=INPUT)
+    with pytest.raises(SparsetrainError, match="features"):
+        csr_linear(torch.randn(2, 5), CSRMatrix.from_dense(torch.eye(4)))
