@@ -165,11 +165,70 @@ def _reproduce_flags(p):
     p.add_argument("--workers", type=int, default=1, help="runs trained side by side (processes)")
     p.add_argument("--out", help="Markdown file for the table (default docs/results/<experiment>.md)")
     p.add_argument("--iterations", type=int, help="override the recipes' length (for a quick look)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table from the runs already recorded; train nothing")
     add_env_flags(p)
 
 
 def _reproduce(args):
     experiments.EXPERIMENTS[args.experiment](args)
+
+
+# --- bench -------------------------------------------------------------------------------------
+
+def _bench_flags(p):
+    from ..sparse.bench import DEFAULT_BATCH_SIZES, DEFAULT_SWEEP
+
+    p.add_argument("--model", required=True, help="registered model name (see `sparsetrain list models`)")
+    p.add_argument("--sparsity", type=float, help="fraction of connections removed, in [0, 1), e.g. 0.98")
+    p.add_argument("--method", default="snip", help="snip (scored on a random batch of real shape), random or magnitude")
+    p.add_argument("--structure", default="", help='mask structure passed to pruning: "2:4", "block32x32" or "" (none)')
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES), metavar="B")
+    p.add_argument("--input-shape", type=int, nargs="+", default=[1, 28, 28], metavar="N",
+                   help="one example's shape (default 1 28 28)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; use the idle cores)")
+    p.add_argument("--repeats", type=int, default=20, help="most timed rounds per measurement")
+    p.add_argument("--budget", type=float, default=1.0, metavar="SECONDS",
+                   help="time spent per end-to-end measurement (fewer rounds for big batches)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", type=float, nargs="*", metavar="S",
+                   help=f"also measure end-to-end speed-up at these sparsities (no value: {' '.join(map(str, DEFAULT_SWEEP))})")
+    p.add_argument("--plot", metavar="FILE.png", help="draw speed-up against sparsity (implies --sweep)")
+    p.add_argument("--linear-x", action="store_true", help="plot against the sparsity, not log 1/(1 - sparsity)")
+    p.add_argument("--out", metavar="FILE.md", help="also write the tables here, and JSON beside it (FILE.json)")
+
+
+def _bench(args):
+    import sys
+
+    from ..sparse import bench as sb
+
+    sweeping = args.sweep is not None or args.plot is not None
+    if not sweeping and args.sparsity is None and not args.structure:
+        raise SparsetrainError("give --sparsity S (e.g. --sparsity 0.98), --sweep [S ...] or --plot FILE.png")
+    env = sb.environment(["sparsetrain", *args.argv])  # before measuring: the load average at start
+    common = dict(method=args.method, structure=args.structure, batch_sizes=args.batch_sizes,
+                  input_shape=args.input_shape, num_classes=args.num_classes, repeats=args.repeats,
+                  budget_s=args.budget, threads=args.threads, seed=args.seed,
+                  progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    parts, data = [], {"environment": env}
+    if args.sparsity is not None or not sweeping:  # (an N:M --structure implies the sparsity)
+        result = sb.bench(args.model, args.sparsity, **common)
+        parts.append(result.to_markdown())
+        data["bench"] = result.to_dict()
+        print(parts[-1])
+    if sweeping:
+        result = sb.sweep(args.model, args.sweep or sb.DEFAULT_SWEEP, **common)
+        parts.append(result.to_markdown())
+        data["sweep"] = result.to_dict()
+        print(parts[-1])
+        if args.plot:
+            print(f"plot written to {sb.plot_sweep(result, args.plot, log_x=not args.linear_x)}", file=sys.stderr)
+    if args.out:
+        text = "# sparsetrain bench\n\n" + sb.format_environment(env) + "\n\n" + "\n".join(parts)
+        md, js = sb.write_report(args.out, text, data)
+        print(f"written to {md} and {js}", file=sys.stderr)
 
 
 COMMANDS = {
@@ -179,4 +238,6 @@ COMMANDS = {
     "list": ("list models, data sets, methods, init schemes and recipes", _list_flags, _list),
     "runs": ("table of the recorded runs", _runs_flags, _runs),
     "reproduce": ("reproduce a paper's table with its recipes, several seeds", _reproduce_flags, _reproduce),
+    "bench": ("dense against sparse execution: latency per layer and end to end, memory, speed-up vs sparsity",
+              _bench_flags, _bench),
 }
