@@ -90,6 +90,50 @@ def test_csr_matmul_batched_and_float64(backend):
     assert rel_err(out, w @ X + b[:, None]) <= 1e-12
 
 
+KERNEL_ONLY = pytest.mark.skipif(not extension_available(), reason="no C++ kernel")
+
+
+@KERNEL_ONLY
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [2, 16, 17, 40])
+@pytest.mark.parametrize("in_features", [83, 96])  # with and without a tail after the 16x16 tiles
+def test_fused_row_major_path_equals_transposed_path(monkeypatch, threads, dtype, batch, in_features):
+    """A row-major input goes through the fused transpose (csr_linear_rows), a transposed view
+    through csr_matmul: both equal F.linear, full and partial blocks of 16, on 1 and 2 threads."""
+    from sparsetrain.sparse import kernels
+
+    monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)  # let 2 threads split even small calls
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = random_sparse((45, in_features), 0.1, empty_rows=(0, 44), seed=batch).to(dtype)
+        W, b = CSRMatrix.from_dense(w), torch.randn(45, dtype=dtype)
+        x = torch.randn(batch, in_features, dtype=dtype)
+        ref = F.linear(x, w, b)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        rows = csr_linear(x, W, b, backend="kernel")
+        via_t = csr_linear(x.t().contiguous().t(), W, b, backend="kernel")
+        assert rows.stride() == via_t.stride() == (1, batch)
+        assert rel_err(rows, ref) <= tol and rel_err(via_t, ref) <= tol
+        assert rel_err(csr_linear(x, W, None, backend="kernel"), F.linear(x, w)) <= tol
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_csr_linear_returns_fresh_tensors_and_converts_bias(backend):
+    w = random_sparse((30, 50), 0.2)
+    W = CSRMatrix.from_dense(w)
+    x1, x2 = torch.randn(20, 50), torch.randn(20, 50)
+    y1 = csr_linear(x1, W, backend=backend)
+    kept = y1.clone()
+    y2 = csr_linear(x2, W, backend=backend)
+    assert torch.equal(y1, kept) and y1.data_ptr() != y2.data_ptr()  # no output buffer reused
+    b = torch.randn(60, dtype=torch.float64)[::2]  # another dtype, not contiguous: converted
+    assert rel_err(csr_linear(x1, W, b, backend=backend), F.linear(x1, w, b.float())) <= 1e-5
+
+
 def test_csr_validate_rejects_out_of_range_indices():
     W = CSRMatrix.from_dense(random_sparse((4, 6), 0.5))
     bad = CSRMatrix(W.crow_indices, torch.full_like(W.col_indices, 6), W.values, W.shape)
@@ -138,7 +182,10 @@ def test_auto_choice_is_never_slower_than_dense_in_its_own_timing(name):
             continue
         times = choice["times"]
         picked = "dense" if choice["layout"] == "dense" else f"csr:{choice['backend']}"
-        assert times[picked] == min(times.values()) and times[picked] <= times["dense"]
+        assert times[picked] <= times["dense"]
+        if picked != "dense":  # sparse is taken only when it clearly wins
+            assert times[picked] == min(times.values())
+            assert times[picked] <= (1 - convert_module.SPARSE_MARGIN) * times["dense"]
     with torch.no_grad():
         assert rel_err(sparse(x), _masked_copy(model, mask)(x)) <= 1e-5
 
@@ -158,6 +205,32 @@ def test_second_conversion_does_not_retime(monkeypatch):
     assert [r.layout for r in sparse_report(first)] == [r.layout for r in sparse_report(second)]
     to_sparse(model, mask, batch_size=5, input_shape=INPUT, repeats=3)  # another batch size: timed anew
     assert calls
+
+
+def test_layers_are_timed_on_the_layout_they_receive(monkeypatch):
+    """A sparse Linear returns a transposed view, which the next Linear receives through ReLU:
+    to_sparse times that layer on a transposed input, and on a contiguous one after a dense layer
+    (here: the first layer as given, the others sparse)."""
+    model, mask, x = pruned("lenet-300-100")
+    csr = "csr:kernel" if extension_available() else "csr:torch"
+    for first, expected in ((csr, [False, True, True]), ("dense", [False, False, True])):
+        clear_choice_cache()
+        seen = []
+
+        def fake_choose(layer, in_shape, candidates, repeats, transposed=False):
+            seen.append(transposed)
+            return (first if not seen[:-1] else csr), {}
+
+        monkeypatch.setattr(convert_module, "_choose", fake_choose)
+        sparse = to_sparse(model, mask, batch_size=8, input_shape=INPUT)
+        assert seen == expected
+        assert [sparse.get_submodule(n).sparse_choice["input_transposed"] for n in ("1", "3", "5")] == expected
+        with torch.no_grad():
+            assert rel_err(sparse(x), _masked_copy(model, mask)(x)) <= 1e-5
+    monkeypatch.undo()
+    layer = st.apply_mask_(model, mask).get_submodule("3")
+    choice, times = convert_module._choose(layer, (8, 300), ("dense", csr), 3, True)
+    assert choice in times and set(times) == {"dense", csr}
 
 
 def test_mask_none_uses_zeros_in_weights_and_original_is_untouched():
@@ -268,3 +341,30 @@ def test_bad_options_are_rejected():
         to_sparse(model, mask, batch_size=0, input_shape=INPUT)
     with pytest.raises(SparsetrainError, match="features"):
         csr_linear(torch.randn(2, 5), CSRMatrix.from_dense(torch.eye(4)))
+
+
+def test_a_bare_layer_is_converted_itself():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    mask = {"weight": torch.rand(32, 64) < 0.1}
+    converted = to_sparse(layer, mask, layouts=("csr",))
+    assert isinstance(converted, SparseLinear)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(converted(x), F.linear(x, layer.weight * mask["weight"], layer.bias))
+
+
+def test_a_mostly_dense_layer_stays_dense_even_if_timed_faster(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    mask = {"0.weight": torch.rand(64, 64) < 0.9}  # 10% sparse: CSR would double the bytes
+    monkeypatch.setattr(convert_module, "_time_interleaved",
+                        lambda fns, repeats, device: {k: (1.0 if k == "dense" else 0.5) for k in fns})
+    convert_module.clear_choice_cache()
+    converted = to_sparse(model, mask, batch_size=4, input_shape=(64,))
+    assert isinstance(converted[0], nn.Linear)
+    # and a sparse layer that is only marginally faster than dense is not taken either
+    mask = {"0.weight": torch.rand(64, 64) < 0.05}
+    monkeypatch.setattr(convert_module, "_time_interleaved",
+                        lambda fns, repeats, device: {k: (1.0 if k == "dense" else 0.95) for k in fns})
+    convert_module.clear_choice_cache()
+    assert isinstance(to_sparse(model, mask, batch_size=4, input_shape=(64,))[0], nn.Linear)
