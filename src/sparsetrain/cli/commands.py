@@ -165,6 +165,7 @@ def _reproduce_flags(p):
     p.add_argument("--workers", type=int, default=1, help="runs trained side by side (processes)")
     p.add_argument("--out", help="Markdown file for the table (default docs/results/<experiment>.md)")
     p.add_argument("--iterations", type=int, help="override the recipes' length (for a quick look)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--report-only", action="store_true",
                    help="write the table from the runs already recorded; train nothing")
     add_env_flags(p)

@@ -26,10 +26,12 @@ def _worker(job: tuple[dict, str, str | None, str | None, int]) -> tuple[str, di
     return config.name, outcome.results, None
 
 
-def run_many(configs: list[RunConfig], store: str, data_dir=None, device=None, workers: int = 1):
-    """Run ``configs`` (each recorded and resumable) with ``workers`` processes sharing the cores.
-    Yields ``(name, results or None, error or None)`` as runs finish."""
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+def run_many(configs: list[RunConfig], store: str, data_dir=None, device=None, workers: int = 1,
+             threads: int | None = None):
+    """Run ``configs`` (each recorded and resumable) with ``workers`` processes sharing the cores
+    (``threads`` torch threads each; default: cores / workers). Yields ``(name, results or None,
+    error or None)`` as runs finish."""
+    threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
     jobs = [(c.to_dict(), str(store), data_dir, device, threads) for c in configs]
     if workers <= 1:
         torch.set_num_threads(threads)

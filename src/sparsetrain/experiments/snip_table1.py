@@ -54,7 +54,8 @@ def reproduce_snip_table1(args) -> None:
     started = time.time()
     failures = []
     pending = [] if getattr(args, "report_only", False) else configs
-    for name, results, error in run_many(pending, store_root, args.data_dir, args.device, args.workers):
+    for name, results, error in run_many(pending, store_root, args.data_dir, args.device, args.workers,
+                                           getattr(args, "threads", None)):
         if error:
             failures.append(f"{name}: {error}")
             print(f"{name}: FAILED {error}", file=sys.stderr)

@@ -28,6 +28,6 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 # Importing the families fills the registry.
-from . import lenet, small  # noqa: E402,F401
+from . import lenet, small, vgg  # noqa: E402,F401
 
 __all__ = ["MODELS", "create_model", "list_models"]

@@ -1,0 +1,463 @@
+"""What hardware-friendly mask shapes cost in test error against unstructured SNIP.
+
+``sparsetrain reproduce structured-cost`` trains, per network, SNIP masks of each shape at a
+matched sparsity, with everything else equal, and writes ``docs/results/structured_cost.md`` and
+``.json``:
+
+- unstructured SNIP at 50% against 2:4 SNIP (N:M, 50% by construction);
+- unstructured SNIP at 90% against block SNIP at 90% (32x32 tiles; 8x8 on LeNet-5-Caffe, whose
+  convolution weights viewed as (out, in*k*k) are 20x25 and 50x500, too small for 32x32 tiles:
+  row ``lenet5-block32x32`` runs the 32x32 tiles anyway when asked for);
+- the dense network as a reference.
+
+Networks: LeNet-300-100 and LeNet-5-Caffe on MNIST, with the SNIP paper's Table 1 recipes
+(``snip-table1-*``; every row of a network shares the training settings, only the mask differs),
+shortened so the whole experiment fits in about half an hour of a 2-core CPU; and a CIFAR-shaped
+VGG (``vgg-cifar-small``). CIFAR-10 is not available offline and no 3x32x32 data set is
+registered, so the VGG rows train on synthetic 3x32x32 data (``make_synthetic``) through
+:func:`sparsetrain.train` directly: they show the masks' per-layer layout and that they train,
+not a CIFAR-10 result, and they are not recorded in the run store. The MNIST rows go through
+:func:`sparsetrain.run` and are recorded: an interrupted experiment resumes, finished runs are
+not repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cli.common import recipe_path
+from ..config import RunConfig
+from ..data import EvalLoader, Loaders, TrainStream, make_synthetic, preprocess, split_train_val
+from ..errors import SparsetrainError
+from ..init import initialize_
+from ..masks import GradientMask, apply_mask_, overall_sparsity
+from ..models import create_model
+from ..pruning.structured import NM, Blocks, parse_structure
+from ..run import default_store_root, find_mask, layer_table
+from ..store import RunStore
+from ..train.loop import resolve_device, train
+from .common import machine_description, mean_std, run_many
+
+SYNTHETIC = "synthetic-3x32x32"  # the VGG rows' data: not a registered data set, built here
+SYNTHETIC_SIZES = {"n_train": 5000, "n_test": 1000, "seed": 0}
+
+
+@dataclass(frozen=True)
+class Network:
+    label: str
+    model: str
+    dataset: str
+    dense_recipe: str  # Table 1 recipe of the dense row
+    snip_recipe: str  # Table 1 recipe the SNIP rows take their pruning settings from
+    iterations: int  # default length (``--iterations`` overrides)
+    train: dict[str, Any] = field(default_factory=dict)  # changes shared by every row, stated below
+    why: str = ""
+
+
+NETWORKS = {
+    "lenet300": Network("LeNet-300-100", "lenet-300-100", "mnist", "snip-table1-lenet300-dense",
+                        "snip-table1-lenet300-95", 10_000),
+    "lenet5": Network(
+        "LeNet-5-Caffe", "lenet-5-caffe", "mnist", "snip-table1-lenet5-dense", "snip-table1-lenet5-98", 4_000,
+        train={"lr": 0.01},
+        why="lr 0.01 for every LeNet-5-Caffe row, as its dense Table 1 recipe: with lr 0.1 (the SNIP "
+            "recipes at 98-99%) the 50% masks and the 90% block mask diverge within 50-300 iterations "
+            "(linear convolutions), so no shared lr above 0.01 trains all rows",
+    ),
+    "vgg": Network(
+        "VGG (vgg-cifar-small)", "vgg-cifar-small", SYNTHETIC, "snip-table1-lenet5-dense", "snip-table1-lenet5-98",
+        200, train={"lr": 0.1},
+        why="lr 0.1 for every row, the SNIP recipes' (batch-norm and ReLU keep the dense VGG stable there, "
+            "unlike LeNet-5-Caffe's linear convolutions)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    network: str  # key of NETWORKS
+    shape: str  # "dense", "unstructured", or a structure ("2:4", "block32x32")
+    sparsity: float
+    baseline: str | None = None  # the unstructured row this one is compared with
+    scope: str = "global"  # "layerwise": kappa per tensor (tiles per tensor for blocks)
+
+
+ROWS = {
+    "lenet300-dense": Row("lenet300", "dense", 0.0),
+    "lenet300-snip50": Row("lenet300", "unstructured", 0.5),
+    "lenet300-2:4": Row("lenet300", "2:4", 0.5, "lenet300-snip50"),
+    "lenet300-snip90": Row("lenet300", "unstructured", 0.9),
+    "lenet300-block32x32": Row("lenet300", "block32x32", 0.9, "lenet300-snip90"),
+    "lenet300-block32x32-layerwise": Row("lenet300", "block32x32", 0.9, "lenet300-snip90", "layerwise"),
+    "lenet5-dense": Row("lenet5", "dense", 0.0),
+    "lenet5-snip50": Row("lenet5", "unstructured", 0.5),
+    "lenet5-2:4": Row("lenet5", "2:4", 0.5, "lenet5-snip50"),
+    "lenet5-snip90": Row("lenet5", "unstructured", 0.9),
+    "lenet5-block8x8": Row("lenet5", "block8x8", 0.9, "lenet5-snip90"),
+    "lenet5-block8x8-layerwise": Row("lenet5", "block8x8", 0.9, "lenet5-snip90", "layerwise"),
+    "lenet5-block32x32": Row("lenet5", "block32x32", 0.9, "lenet5-snip90"),
+    "vgg-dense": Row("vgg", "dense", 0.0),
+    "vgg-snip50": Row("vgg", "unstructured", 0.5),
+    "vgg-2:4": Row("vgg", "2:4", 0.5, "vgg-snip50"),
+    "vgg-snip90": Row("vgg", "unstructured", 0.9),
+    "vgg-block32x32": Row("vgg", "block32x32", 0.9, "vgg-snip90"),
+    "vgg-block32x32-layerwise": Row("vgg", "block32x32", 0.9, "vgg-snip90", "layerwise"),
+}
+# Optional rows (``--rows``): LeNet-5-Caffe's global 8x8 blocks leave every layer some tiles, so
+# the per-layer variant is not needed there, and 32x32 tiles hardly fit its weights (see the notes).
+DEFAULT_ROWS = [r for r in ROWS if r not in ("lenet5-block8x8-layerwise", "lenet5-block32x32")]
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+def structure_of(shape: str) -> str:
+    """A row's mask shape as ``PruneConfig.structure``: "" for dense and unstructured."""
+    return "" if shape in ("dense", "unstructured") else shape
+
+
+def row_config(row_name: str, seed: int, iterations: int | None = None) -> RunConfig:
+    """The run of ``row_name`` for ``seed``: the network's Table 1 recipe (dense or SNIP) with the
+    row's mask and the network's shared training changes; ``iterations`` (default: the network's)
+    shortens it, the step decays and the validation/test checks moving with the length."""
+    row = ROWS[row_name]
+    net = NETWORKS[row.network]
+    dense = row.shape == "dense"
+    base = RunConfig.from_toml(recipe_path(net.dense_recipe if dense else net.snip_recipe))
+    length = iterations or net.iterations
+    t = base.train
+    train = {"iterations": length, "epochs": 0.0, **net.train}
+    if t.schedule == "step" and t.iterations:
+        # x0.1 at the same fractions of training as the recipe (25k of 60k, or of 30k)
+        train["decay_every"] = max(1, round(t.decay_every * length / t.iterations))
+    train["val_every"] = _every(t.val_every, length)
+    train["test_every"] = _every(t.test_every, length)
+    prune = {"structure": structure_of(row.shape), "scope": row.scope}
+    if not dense:
+        prune["sparsity"] = row.sparsity
+    return base.replace(model=net.model, dataset=net.dataset, seed=seed, name=f"structured-cost/{row_name}",
+                        prune=prune, train=train)
+
+
+def _every(recipe_every: int, length: int) -> int:
+    """The recipe's check interval, or a quarter of a run too short for it (0 stays 0)."""
+    return min(recipe_every, max(1, length // 4)) if recipe_every else 0
+
+
+def configs_for(rows: list[str], seeds: list[int], iterations: int | None) -> list[RunConfig]:
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SparsetrainError(f"unknown row(s) {unknown}; rows: {', '.join(ROWS)}")
+    if not seeds:
+        raise SparsetrainError("give at least one seed (--seeds 0)")
+    if iterations is not None and iterations < 1:
+        raise SparsetrainError(f"--iterations must be at least 1, got {iterations}")
+    configs = [row_config(r, s, iterations) for r in rows for s in seeds]
+    # the long LeNet-5 runs first, so that the workers finish together
+    return sorted(configs, key=lambda c: c.model != "lenet-5-caffe")
+
+
+def row_of(config: RunConfig) -> str:
+    return config.name.removeprefix("structured-cost/")
+
+
+def left_dense(shape: tuple[int, ...], mask_shape: str) -> str | None:
+    """Why a parameter of ``shape`` cannot take a row's ``mask_shape`` (so stays dense), or None."""
+    layout = parse_structure(structure_of(mask_shape))
+    if layout is None:
+        return None
+    if len(shape) < 2:
+        return "1-D: no rows to structure"
+    row = math.prod(shape[1:])
+    if isinstance(layout, NM) and row % layout.m:
+        return f"rows of {row}, not a multiple of {layout.m}"
+    return None
+
+
+def view_2d(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]}x{math.prod(shape[1:])}" if len(shape) >= 2 else f"{shape[0]}"
+
+
+# --- the synthetic VGG rows (train() directly) ---------------------------------------------
+
+def synthetic_loaders(config: RunConfig, device) -> Loaders:
+    raw = make_synthetic(SYNTHETIC_SIZES["n_train"], SYNTHETIC_SIZES["n_test"], shape=(3, 32, 32),
+                         seed=SYNTHETIC_SIZES["seed"])
+    train_x, test_x, mean, std = preprocess(raw)
+    t = config.train
+    (tr_x, tr_y), val = split_train_val(train_x, raw.train_y, t.val_fraction, t.split_seed)
+    return Loaders(
+        train=TrainStream(tr_x, tr_y, t.batch_size, seed=config.seed, device=device),
+        val=None if val is None else EvalLoader(*val, 1000, device=device),
+        test=EvalLoader(test_x, raw.test_y, 1000, device=device),
+        input_shape=raw.input_shape, num_classes=raw.num_classes, name=SYNTHETIC, mean=mean, std=std,
+    )
+
+
+def run_synthetic(config: RunConfig, device=None) -> tuple[dict, dict]:
+    """What :func:`sparsetrain.run` does (prune at init, re-draw, train under the mask), on the
+    synthetic 3x32x32 data; nothing is recorded. Returns (results, per-layer sparsity)."""
+    device = resolve_device(device)
+    loaders = synthetic_loaders(config, device)
+    model = create_model(config.model, input_shape=loaders.input_shape, num_classes=loaders.num_classes)
+    model = model.to(device)
+    initialize_(model, config.init, config.seed)
+    mask = find_mask(config, model, loaders)
+    if config.prune.reinit:
+        initialize_(model, config.prune.reinit, config.seed + 1)
+    hooks = []
+    if mask is not None:
+        mask = {n: m.to(device) for n, m in mask.items()}
+        apply_mask_(model, mask)
+        hooks.append(GradientMask(model, mask))
+    result = train(model, loaders, config.train, hooks=hooks, seed=config.seed, progress=False)
+    results = result.as_results() | {
+        "sparsity": overall_sparsity(mask) if mask is not None else 0.0,
+        "train_loss_final": result.curves["train_loss"][-1][1],
+        "device": str(device),
+    }
+    return results, layer_table(mask, model)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+def reproduce_structured_cost(args) -> None:
+    rows = args.rows or DEFAULT_ROWS
+    configs = configs_for(rows, args.seeds, args.iterations)
+    report_only = getattr(args, "report_only", False)  # write the table from the store, train nothing
+    threads = getattr(args, "threads", None)
+    recorded = [c for c in configs if c.dataset != SYNTHETIC]
+    synthetic = [] if report_only else [c for c in configs if c.dataset == SYNTHETIC]
+    store_root = args.store or str(default_store_root())
+    store = RunStore(store_root)  # created once here, before the workers open it
+    started = time.time()
+    failures = []
+    outcomes: dict[str, dict] = {}  # config key -> {"results", "layers"}
+    pending = [] if report_only else recorded
+    for name, results, error in run_many(pending, store_root, args.data_dir, args.device, args.workers, threads):
+        _report(name, results, error, failures)
+    for c in recorded:
+        rec = store.get(c.key())
+        if rec is not None and rec.status == "finished":
+            outcomes[c.key()] = {"results": rec.results, "layers": rec.layer_sparsity or {}}
+    if synthetic:
+        torch.set_num_threads(threads or os.cpu_count() or 1)  # one process: all the cores
+    for c in synthetic:
+        try:
+            results, layers = run_synthetic(c, args.device)
+        except SparsetrainError as err:
+            _report(c.name, None, f"{type(err).__name__}: {err}", failures)
+            continue
+        _report(c.name, results, None, failures)
+        outcomes[c.key()] = {"results": results, "layers": layers}
+    out = Path(args.out or "docs/results/structured_cost.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = write_table(rows, configs, outcomes, out, time.time() - started, getattr(args, "argv", []))
+    print(text)
+    if failures:
+        raise SparsetrainError(f"{len(failures)} run(s) failed (the others are in the table): " + "; ".join(failures))
+
+
+def _report(name, results, error, failures) -> None:
+    if error:
+        failures.append(f"{name}: {error}")
+        print(f"{name}: FAILED {error}", file=sys.stderr)
+    else:
+        print(f"{name}: test error {100 * results['test_error_final']:.2f}% "
+              f"(best-val {100 * results['test_error_best_val']:.2f}%), sparsity {results['sparsity']:.2%}",
+              flush=True)
+
+
+# --- the table -------------------------------------------------------------------------------
+
+def summarise(rows: list[str], configs: list[RunConfig], outcomes: dict[str, dict]) -> dict[str, dict]:
+    """Per row: its settings and the finished runs' results, one entry per seed."""
+    summary = {}
+    for r in rows:
+        row, mine = ROWS[r], [c for c in configs if row_of(c) == r]
+        summary[r] = {
+            "network": NETWORKS[row.network].label,
+            "model": NETWORKS[row.network].model,
+            "dataset": NETWORKS[row.network].dataset,
+            "shape": row.shape,
+            "scope": row.scope,
+            "target_sparsity": row.sparsity,
+            "baseline": row.baseline,
+            "iterations": mine[0].train.iterations if mine else None,
+            "runs": [
+                {"seed": c.seed, "key": c.key(), **outcomes[c.key()]["results"],
+                 "layer_sparsity": outcomes[c.key()]["layers"]}
+                for c in sorted(mine, key=lambda c: c.seed) if c.key() in outcomes
+            ],
+        }
+    return summary
+
+
+def paired_delta(runs: list[dict], baseline: list[dict], metric: str) -> str:
+    """Mean ± std over seeds of (this row - the baseline row), in percentage points."""
+    base = {x["seed"]: x[metric] for x in baseline if x.get(metric) is not None}
+    diffs = [x[metric] - base[x["seed"]] for x in runs if x.get(metric) is not None and x["seed"] in base]
+    if not diffs:
+        return "-"
+    text = f"{100 * statistics.mean(diffs):+.2f}"
+    return text + (f" ± {100 * statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "")
+
+
+def _shape_label(shape: str, scope: str = "global") -> str:
+    layout = parse_structure(structure_of(shape))
+    if isinstance(layout, Blocks):
+        text = f"block {layout.rows}x{layout.cols}"
+    else:
+        text = f"{shape} (N:M)" if isinstance(layout, NM) else shape
+    return text + (", per-layer kappa" if scope == "layerwise" else "")
+
+
+def _data_label(dataset: str) -> str:
+    return "synthetic 3x32x32 (not CIFAR-10)" if dataset == SYNTHETIC else dataset.upper()
+
+
+def main_table(summary: dict[str, dict]) -> list[str]:
+    lines = [
+        "| network | data | mask shape | sparsity: target / achieved | iterations | seeds | final | best val "
+        "| Δ final vs unstructured | Δ best val vs unstructured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r, s in summary.items():
+        runs = s["runs"]
+        achieved = [x["sparsity"] for x in runs]
+        achieved_text = f"{100 * statistics.mean(achieved):.2f}%" if achieved else "-"
+        if s["shape"] == "dense":
+            d_final = d_best = "(reference)"
+        elif s["baseline"] is None:
+            d_final = d_best = "(baseline)"
+        else:
+            base = summary.get(s["baseline"], {"runs": []})["runs"]
+            d_final = paired_delta(runs, base, "test_error_final")
+            d_best = paired_delta(runs, base, "test_error_best_val")
+        iterations = f"{s['iterations']:,}" if s["iterations"] else "-"
+        lines.append(
+            f"| {s['network']} | {_data_label(s['dataset'])} | {_shape_label(s['shape'], s['scope'])} | "
+            f"{s['target_sparsity']:.0%} / {achieved_text} | {iterations} | {len(runs)} | "
+            f"{mean_std([x['test_error_final'] for x in runs])} | "
+            f"{mean_std([x['test_error_best_val'] for x in runs])} | {d_final} | {d_best} |"
+        )
+    return lines
+
+
+def layer_tables(summary: dict[str, dict]) -> list[str]:
+    """Per network: each layer's sparsity under each mask (first seed), the layers a structure
+    had to leave dense, and the layers a mask removed entirely (which cuts the network)."""
+    lines: list[str] = []
+    for net in dict.fromkeys(s["network"] for s in summary.values()):
+        rows = {r: s for r, s in summary.items() if s["network"] == net and s["shape"] != "dense" and s["runs"]}
+        if not rows:
+            continue
+        first = {r: s["runs"][0]["layer_sparsity"] for r, s in rows.items()}
+        layers = sorted(dict.fromkeys(n for layer in first.values() for n in layer), key=_parameter_order)
+        labels = {r: f"{_shape_label(s['shape'], s['scope'])} {s['target_sparsity']:.0%}" for r, s in rows.items()}
+        lines += ["", f"**{net}** (seed {next(iter(rows.values()))['runs'][0]['seed']}):", "",
+                  f"| layer | shape | 2-D view | {' | '.join(labels.values())} |",
+                  "|---|---|---|" + "---|" * len(rows)]
+        dense_notes, removed = [], []
+        for name in layers:
+            shape = next(tuple(layer[name]["shape"]) for layer in first.values() if name in layer)
+            cells = []
+            for r, s in rows.items():
+                info = first[r].get(name)
+                cells.append("-" if info is None else f"{100 * info['sparsity']:.1f}%")
+                why = left_dense(shape, s["shape"])
+                if why and len(shape) >= 2:
+                    dense_notes.append(f"`{name}` {view_2d(shape)} under {labels[r]}: {why}")
+                if info is not None and info["kept"] == 0 and len(shape) >= 2:
+                    removed.append(f"`{name}` under {labels[r]}")
+            lines.append(f"| `{name}` | {shape} | {view_2d(shape)} | " + " | ".join(cells) + " |")
+        if dense_notes:
+            lines += ["", "Left dense by the structure: " + "; ".join(dense_notes) + "."]
+        if removed:
+            lines += ["", "**Removed entirely** (no path from input to output is left: the network cannot "
+                      "learn, whatever the training): " + "; ".join(removed) + "."]
+    return lines
+
+
+def _parameter_order(name: str) -> tuple:
+    """``"0.10.weight"`` -> ((0, 10), 0): module path, then weight before bias."""
+    *path, leaf = name.split(".")
+    return tuple(int(p) if p.isdigit() else p for p in path), {"weight": 0, "bias": 1}.get(leaf, 2), leaf
+
+
+def write_table(rows, configs, outcomes, out: Path, seconds: float, argv: list[str]) -> str:
+    summary = summarise(rows, configs, outcomes)
+    nets = dict.fromkeys(ROWS[r].network for r in rows)
+    lines = [
+        "# The error cost of hardware-friendly SNIP masks",
+        "",
+        "Test error (%) as mean ± std over seeds. *final*: the model at the end of training; *best val*: "
+        "the checkpoint with the lowest error on the 10% validation split. *Δ vs unstructured*: this "
+        "row's error minus that of unstructured SNIP at the same sparsity, seed by seed, in percentage "
+        "points (positive: the structure costs error). *2:4*: the top 2 of every 4 connection "
+        "sensitivities along each row of a weight viewed as (out, in*k*k); *block RxC*: SNIP scores "
+        "summed over RxC tiles of that view, whole tiles kept or dropped: global top-kappa over all tiles, "
+        "or with *per-layer kappa* round(tiles x (1 - sparsity)), at least one, in each weight. Summed over "
+        "a tile, scores rank tiles mostly by their layer's mean sensitivity, so the global selection can "
+        "drop a large layer entirely (listed below as *removed entirely* when it does). "
+        "*Achieved* sparsity counts every pruned parameter: biases are pruned by unstructured SNIP (as "
+        "the paper) but have no rows, so the structured masks leave them dense, as they do layers the "
+        "pattern does not fit (listed below); block edge tiles are smaller than a full tile.",
+        "",
+        *main_table(summary),
+        "",
+        "## Recipes",
+        "",
+    ]
+    for key in nets:
+        net = NETWORKS[key]
+        whose = "the SNIP paper's Table 1 recipe" + (" of LeNet-5-Caffe" if key == "vgg" else "")
+        line = (f"- **{net.label}**: every row is {whose} (`{net.snip_recipe}` for the "
+                f"SNIP rows, `{net.dense_recipe}` for the dense one: variance-scaling init, weights and biases "
+                "scored on one mini-batch of 100, a fresh variance-scaling draw trained under the mask; SGD "
+                "momentum 0.9, batch 100, weight decay 5e-4) shortened to the iterations above, its x0.1 "
+                "step decays moved to the same fractions of training, validation every "
+                f"min(1,000, iterations/4) iterations")
+        if net.why:
+            line += f"; {net.why}"
+        if key == "vgg":
+            line += (f". Data: `make_synthetic({SYNTHETIC_SIZES['n_train']}, {SYNTHETIC_SIZES['n_test']}, "
+                     "shape=(3, 32, 32))` (a noisy prototype per class; CIFAR-10 is not available offline and "
+                     "sparsetrain registers no 3x32x32 data set), trained with `sparsetrain.train` directly and "
+                     "not recorded in the run store. Class prototypes plus noise say little about natural images: "
+                     "these rows show the masks' layout and that they train, **not** what the structures cost "
+                     "on CIFAR-10")
+        lines.append(line + ".")
+    lines += [
+        "",
+        "The LeNet-5-Caffe blocks are 8x8 rather than 32x32: its weights viewed as (out, in*k*k) are 20x25 "
+        "(conv 1), 50x500 (conv 2), 500x800 and 10x500 (fc), so 32x32 tiles would make conv 1 a single tile, "
+        "kept or dropped whole, and conv 2 two tile rows (row `lenet5-block32x32` runs them anyway: "
+        "`--rows lenet5-snip90 lenet5-block32x32`).",
+        "",
+        "## Per-layer sparsity of the masks",
+        *layer_tables(summary),
+        "",
+        f"Command: `sparsetrain {shlex.join(str(a) for a in argv)}`  ",
+        f"Machine: {machine_description()}  ",
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d}; wall time of this invocation {seconds / 60:.1f} min "
+        "(MNIST runs already in the store are not repeated).",
+        "",
+    ]
+    text = "\n".join(lines)
+    out.write_text(text)
+    meta = {"command": ["sparsetrain", *map(str, argv)], "machine": machine_description(),
+            "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "seconds": seconds}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1))
+    return text
