@@ -41,7 +41,6 @@ sys.path.insert(0, str(HERE))  # bench_sparse_training, beside this file
 from bench_sparse_training import bench_step  # noqa: E402
 
 from sparsetrain.sparse.bench import (  # noqa: E402
-    END_TO_END,
     environment,
     format_environment,
     plot_sweep,

@@ -38,14 +38,16 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import sparsetrain
 from sparsetrain import GradientMask, apply_mask_, prune_at_init
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_snip, beside this file
+from bench_snip import LR, MOMENTUM, WEIGHT_DECAY  # noqa: E402
+from bench_snip import Trainer as SnipBenchTrainer  # noqa: E402
 from sparsetrain.sparse.training import SparseTrainLinear, _csr, sparsify_for_training_
 
 TARGET = 2.0  # the issue: the sparse step at least 2x faster than the dense masked step
-LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
 Op = tuple[Callable[[], object], Callable[[object], object]]  # (untimed set-up, timed call)
 
@@ -58,32 +60,8 @@ def build_mlp(widths: list[int], num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class Trainer:
-    """A model, its SGD optimizer and hooks: one step as sparsetrain.train runs it."""
-
-    def __init__(self, model: nn.Module, hooks=()):
-        self.model = model.train()
-        self.hooks = list(hooks)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        # restored before each timed step (untimed): many steps on one batch must not drift to
-        # overflow or denormals
-        self.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        for h in self.hooks:
-            h.after_backward()
-        self.optimizer.step()
-        for h in self.hooks:
-            h.after_step()
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        for k, v in self.model.state_dict().items():
-            v.copy_(self.snapshot[k])
-        self.optimizer.zero_grad(set_to_none=True)
+class Trainer(SnipBenchTrainer):
+    """bench_snip's training step (as sparsetrain.train runs it), plus the state it holds."""
 
     def state_bytes(self) -> int:
         """Parameters, buffers and optimizer state (momentum) held between steps."""

@@ -15,7 +15,6 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from sparsetrain import state_io
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.state_io import load_state, load_tensors, read_metadata, save_state, save_tensors
 from sparsetrain.store import RunRecord, RunStore, current_versions, format_runs_table

@@ -1,6 +1,5 @@
 """The training loop: masked weights stay zero, schedules, resume, divergence."""
 
-import math
 
 import pytest
 import torch

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import platform
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
@@ -48,17 +45,3 @@ def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{100 * values[0]:.2f}"
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {sys.version.split()[0]}, "
-            f"torch {torch.__version__}, {platform.system()} {platform.release()}")

@@ -19,7 +19,8 @@ from ..config import RunConfig
 from ..errors import SparsetrainError
 from ..run import default_store_root
 from ..store import RunStore
-from .common import machine_description, mean_std, run_many
+from ..machine import machine_description
+from .common import mean_std, run_many
 
 # recipe -> (label, sparsity, paper's test error %, target test error %)
 ROWS = {

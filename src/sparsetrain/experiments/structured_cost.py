@@ -48,7 +48,8 @@ from ..pruning.structured import NM, Blocks, parse_structure
 from ..run import default_store_root, find_mask, layer_table
 from ..store import RunStore
 from ..train.loop import resolve_device, train
-from .common import machine_description, mean_std, run_many
+from ..machine import machine_description
+from .common import mean_std, run_many
 
 SYNTHETIC = "synthetic-3x32x32"  # the VGG rows' data: not a registered data set, built here
 SYNTHETIC_SIZES = {"n_train": 5000, "n_test": 1000, "seed": 0}

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SparsetrainError
+from ..machine import cpu_model
 from ..masks import Mask, apply_mask_
 from ..models import create_model
 from ..pruning import prune_at_init
@@ -557,14 +558,7 @@ def plot_sweep(result: SweepResult, path: str | Path, *, log_x: bool = True, tit
 
 def environment(argv: Sequence[str] | None = None) -> dict:
     """Where a measurement ran: command, CPU model, torch threads, versions, date, load average."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
