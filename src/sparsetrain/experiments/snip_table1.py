@@ -72,6 +72,11 @@ def reproduce_snip_table1(args) -> None:
         raise SparsetrainError(f"{len(failures)} run(s) failed (the others are recorded): " + "; ".join(failures))
 
 
+def mean_std_seconds(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / len(values):,.0f}" if values else "-"
+
+
 def write_table(rows, configs, records, out: Path, seconds: float, argv: list[str]) -> str:
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     iterations = {}
@@ -79,7 +84,8 @@ def write_table(rows, configs, records, out: Path, seconds: float, argv: list[st
         rec = records[c.key()]
         iterations[c.name] = c.train.iterations
         if rec is not None and rec.status == "finished":
-            per_row[c.name].append({"seed": c.seed, "key": c.key(), **rec.results})
+            per_row[c.name].append({"seed": c.seed, "key": c.key(), **rec.results,
+                                    "train_seconds": (rec.timings or {}).get("train_seconds")})
     lines = [
         "# SNIP paper, Table 1 (MNIST): reproduced",
         "",
@@ -114,7 +120,8 @@ def write_table(rows, configs, records, out: Path, seconds: float, argv: list[st
         f"Command: `sparsetrain {shlex.join(argv)}`  ",
         f"Machine: {machine_description()}  ",
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d}; wall time of this invocation {seconds / 60:.1f} min "
-        "(runs already in the store are not repeated).",
+        "(runs already in the store are not repeated); training time recorded per run (s): "
+        + ", ".join(f"{r} {mean_std_seconds([x['train_seconds'] for x in per_row[r]])}" for r in rows) + ".",
         "",
     ]
     text = "\n".join(lines)
