@@ -42,6 +42,7 @@ import torch.nn.utils.prune as tprune  # noqa: E402
 
 import sparsetrain  # noqa: E402
 from sparsetrain import GradientMask, apply_mask_, create_model, prune_at_init  # noqa: E402
+from sparsetrain.machine import cpu_model  # noqa: E402
 from sparsetrain.masks import prunable_parameters  # noqa: E402
 
 TARGETS = {"a": 1.2, "b": 1.0, "c": 1.03}
@@ -294,14 +295,14 @@ def bench_model(name: str, args, device: torch.device) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def write_output(text: str, out: str) -> None:
+    """Print the report and write it to ``out`` (``""`` or ``"-"``: print only)."""
+    print(text)
+    if out not in ("", "-"):
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"written to {path}", file=sys.stderr)
 
 
 def verdict(value: float, target: float) -> str:
@@ -399,12 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         results.append(bench_model(name, args, device))
     text = report(results, args, device, ["benchmarks/bench_snip.py", *argv])
-    print(text)
-    if args.out not in ("", "-"):
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"written to {out}", file=sys.stderr)
+    write_output(text, args.out)
     return 0
 
 

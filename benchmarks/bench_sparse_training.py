@@ -45,6 +45,9 @@ from sparsetrain import GradientMask, apply_mask_, prune_at_init
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_snip, beside this file
 from bench_snip import LR, MOMENTUM, WEIGHT_DECAY  # noqa: E402
 from bench_snip import Trainer as SnipBenchTrainer  # noqa: E402
+from bench_snip import write_output  # noqa: E402
+
+from sparsetrain.machine import cpu_model  # noqa: E402
 from sparsetrain.sparse.training import SparseTrainLinear, _csr, sparsify_for_training_
 
 TARGET = 2.0  # the issue: the sparse step at least 2x faster than the dense masked step
@@ -208,16 +211,6 @@ def bench_layer(args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -297,12 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print("benchmarking one layer ...", file=sys.stderr, flush=True)
     layer = bench_layer(args)
     text = report(step, layer, args, ["benchmarks/bench_sparse_training.py", *argv])
-    print(text)
-    if args.out not in ("", "-"):
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"written to {out}", file=sys.stderr)
+    write_output(text, args.out)
     return 0
 
 
