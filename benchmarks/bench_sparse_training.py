@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -45,9 +43,11 @@ from sparsetrain import GradientMask, apply_mask_, prune_at_init
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_snip, beside this file
 from bench_snip import LR, MOMENTUM, WEIGHT_DECAY  # noqa: E402
 from bench_snip import Trainer as SnipBenchTrainer  # noqa: E402
-from bench_snip import write_output  # noqa: E402
+from bench_snip import time_interleaved, write_output  # noqa: E402
 
 from sparsetrain.machine import cpu_model  # noqa: E402
+
+CPU = torch.device("cpu")  # bench_snip's timer synchronises only on CUDA
 from sparsetrain.sparse.training import SparseTrainLinear, _csr, sparsify_for_training_
 
 TARGET = 2.0  # the issue: the sparse step at least 2x faster than the dense masked step
@@ -71,28 +71,6 @@ class Trainer(SnipBenchTrainer):
         tensors = list(self.model.state_dict().values())
         tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def time_interleaved(ops: dict[str, Op], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each op over ``repeats`` rounds after ``warmup`` untimed ones; each
-    round calls every op once, in alternating order; set-up untimed; garbage collection off."""
-    names = list(ops)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(warmup + repeats):
-            for n in names if r % 2 == 0 else reversed(names):
-                setup, call = ops[n]
-                arg = setup()
-                t0 = time.perf_counter()
-                call(arg)
-                dt = time.perf_counter() - t0
-                if r >= warmup:
-                    samples[n].append(dt)
-    finally:
-        gc.enable()
-    return samples
 
 
 def paired(samples: dict[str, list[float]], name: str, ref: str) -> float:
@@ -134,7 +112,7 @@ def bench_step(args) -> dict:
 
     samples = time_interleaved(
         {"dense step": op(dense), "dense masked step": op(masked), "sparse step": op(sparse)},
-        args.repeats, args.warmup,
+        args.repeats, args.warmup, CPU,
     )
     return {
         "widths": widths,
@@ -191,7 +169,7 @@ def bench_layer(args) -> dict:
         "dense grad_W (grad_y^T x)": (none, lambda _: grad_y.t() @ x.detach()),
         "sparse grad_values (sampled_addmm)": (none, lambda _: torch.sparse.sampled_addmm(pattern, grad_y_t, x_t.t(), beta=0.0)),
     }
-    samples = time_interleaved(ops, args.repeats, args.warmup)
+    samples = time_interleaved(ops, args.repeats, args.warmup, CPU)
     pairs = [
         ("forward", "dense forward", "sparse forward"),
         ("backward", "dense backward", "sparse backward"),
