@@ -200,3 +200,39 @@ def test_snip_needs_data():
         prune_at_init(create_model("mlp-tiny"), "snip", sparsity=0.5)
     with pytest.raises(SparsetrainError, match="empty"):
         prune_at_init(create_model("mlp-tiny"), "snip", sparsity=0.5, batches=[])
+
+
+def _oracle_top(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Independent oracle: a stable descending sort over all entries (ties: first position wins)."""
+    flat = torch.cat([s.flatten() for s in scores.values()]).double()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    out, start = {}, 0
+    for n, s in scores.items():
+        out[n] = keep[start:start + s.numel()].view(s.shape)
+        start += s.numel()
+    return out
+
+
+@pytest.mark.parametrize("sparsity", [0.0005, 0.3, 0.5, 0.9, 0.99, 0.99999])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "skewed"])
+def test_large_selection_matches_a_sorting_oracle(sparsity, kind):
+    # Above 65,536 scores the k-th value comes from a sampled bound and a candidate set; it must
+    # still be exact, from either end (kept fraction below or above one half), with ties.
+    g = torch.Generator().manual_seed(7)
+    shapes = {"a": (300, 250), "b": (40_000,), "c": (17,)}
+    if kind == "distinct":
+        scores = {n: torch.rand(s, generator=g) for n, s in shapes.items()}
+    elif kind == "ties":  # only 50 distinct values: many ties straddle every threshold
+        scores = {n: torch.randint(0, 50, s, generator=g).float() for n, s in shapes.items()}
+    else:  # one tensor holds all the large scores: a strided sample sees few of them
+        scores = {n: torch.rand(s, generator=g) for n, s in shapes.items()}
+        scores["c"] = scores["c"] + 10.0
+        scores["b"][::1000] += 5.0
+    total = sum(s.numel() for s in scores.values())
+    k = kept_count(total, sparsity)
+    mask = select_top(scores, sparsity)
+    expected = _oracle_top(scores, k)
+    assert sum(int(m.sum()) for m in mask.values()) == k
+    assert all(torch.equal(mask[n], expected[n]) for n in scores)

@@ -14,6 +14,9 @@ row-major order inside a tensor) win.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from ..errors import SparsetrainError
@@ -34,39 +37,79 @@ def kept_count(total: int, sparsity: float) -> int:
     return max(1, round(total * (1.0 - sparsity)))
 
 
-def _kth_largest(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
-    """The k-th largest value over all entries of ``tensors``, in linear time."""
-    flat = torch.cat([t.flatten() for t in tensors])  # the one score-sized copy selection makes
-    m = flat.numel()
-    if flat.device.type == "cpu":
-        # numpy's in-place introselect is about 10x faster than torch.kthvalue on CPU (0.2 vs
-        # 2.3 ms for LeNet-300-100's 266k scores), which matters when pruning should cost about
-        # one training step.
-        values = flat.detach().numpy()
-        values.partition(m - k)
-        return torch.as_tensor(values[m - k])
-    return torch.kthvalue(flat, m - k + 1).values
+# Below this many scores a plain copy-and-partition is as fast as anything cleverer.
+_SAMPLE_MIN = 1 << 16
+_SAMPLE_SIZE = 1 << 13
+
+
+def _kth_largest_numpy(arrays: list, k: int) -> float:
+    """The k-th largest value over the 1-D NumPy ``arrays`` (views of the scores), exact.
+
+    A strided sample of about 8k scores gives a bound that, with a wide safety margin (5 standard
+    deviations of the sample quantile), has at least k scores above it; only those candidates
+    (a few percent more than k) are copied and partitioned. If the bound turns out too tight (the
+    count is checked, so the result is exact either way) or the sample is not small against the
+    whole, every score is copied and partitioned. For kept fractions above one half the same is
+    done from the bottom. LeNet-300-100, 266k scores, 95% sparsity, 1 thread: 0.67 ms for
+    ``torch.cat`` + partition + ``torch.ge`` -> about 0.15 ms, and no score-sized copy."""
+    m = sum(a.size for a in arrays)
+    j = m - k + 1  # the same value as the j-th smallest
+    rank = min(k, j)
+    if m >= _SAMPLE_MIN:
+        stride = m // _SAMPLE_SIZE
+        sample = np.concatenate([a[::stride] for a in arrays])
+        n = sample.size
+        q = rank / m
+        r = math.ceil(q * n + 5.0 * math.sqrt(n * q * (1.0 - q)) + 16)
+        if r < n:
+            if k <= j:  # few kept: candidates are the scores at or above a low bound
+                sample.partition(n - r)
+                lo = sample[n - r]
+                cand = np.concatenate([a[a >= lo] for a in arrays])
+                if cand.size >= k:
+                    cand.partition(cand.size - k)
+                    return float(cand[cand.size - k])
+            else:  # most kept: candidates are the scores at or below a high bound
+                sample.partition(r - 1)
+                hi = sample[r - 1]
+                cand = np.concatenate([a[a <= hi] for a in arrays])
+                if cand.size >= j:
+                    cand.partition(j - 1)
+                    return float(cand[j - 1])
+    flat = np.concatenate(arrays)  # the fallback: one score-sized copy, partitioned in place
+    flat.partition(m - k)
+    return float(flat[m - k])
 
 
 def top_k(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Boolean masks keeping exactly the ``k`` largest entries over all of ``tensors``; ties go
     to the first entries (tensor order, then row-major). Linear time: one k-th value selection,
-    no sort; comparisons run per tensor, so no second score-sized buffer is made."""
+    no sort; comparisons run per tensor. On CPU the work runs in NumPy on views of the scores
+    (``torch.cat`` and ``torch.ge`` measured 4-7x slower than NumPy on these 1-D passes)."""
     m = sum(t.numel() for t in tensors)
     if k >= m:
         return [torch.ones_like(t, dtype=torch.bool) for t in tensors]
-    threshold = _kth_largest(tensors, k).to(tensors[0].device)
-    keep = [t >= threshold for t in tensors]
-    n = sum(int(torch.count_nonzero(x)) for x in keep)  # count_nonzero: no int64 temporary
-    if n == k:  # the usual case: no tie straddles the threshold
-        return keep
-    room = k - sum(int(torch.count_nonzero(t > threshold)) for t in tensors)
+    if all(t.device.type == "cpu" and t.dtype != torch.bfloat16 for t in tensors):
+        arrays = [t.detach().reshape(-1).numpy() for t in tensors]
+        threshold = _kth_largest_numpy(arrays, k)
+        keep_np = [a >= threshold for a in arrays]
+        if sum(int(np.count_nonzero(x)) for x in keep_np) == k:  # the usual case: no tie straddles
+            return [torch.from_numpy(x).view(t.shape) for x, t in zip(keep_np, tensors)]
+        thr = torch.tensor(threshold, dtype=tensors[0].dtype)
+    else:
+        flat = torch.cat([t.flatten() for t in tensors])  # GPU (or bfloat16): one score-sized copy
+        thr = torch.kthvalue(flat, m - k + 1).values
+        del flat
+        keep = [t >= thr for t in tensors]
+        if sum(int(torch.count_nonzero(x)) for x in keep) == k:
+            return keep
+    room = k - sum(int(torch.count_nonzero(t > thr)) for t in tensors)
     out = []
     for t in tensors:
-        ties = (t == threshold).flatten()
+        ties = (t == thr).flatten()
         take = torch.cumsum(ties, 0) <= room
         room -= min(room, int(torch.count_nonzero(ties)))
-        out.append((t > threshold) | (ties & take).view_as(t))
+        out.append((t > thr) | (ties & take).view_as(t))
     return out
 
 
