@@ -1,8 +1,10 @@
 """Sparse execution: run a pruned network with its zeros skipped for real.
 
 :func:`to_sparse` bakes a mask into a model and swaps each pruned ``nn.Linear`` / ``nn.Conv2d``
-for :class:`SparseLinear` / :class:`SparseConv2d` (CSR weights, 32-bit indices) where timing
-shows that is faster; :func:`save_sparse` / :func:`load_sparse` store the compressed arrays;
+for :class:`SparseLinear` / :class:`SparseConv2d` (CSR weights, 32-bit indices), for
+:class:`SparseBlockLinear` / :class:`SparseBlockConv2d` (block-sparse BSR, where the zeros form
+tiles: :func:`detect_block_size`) or, on CUDA, for :class:`SparseSemiStructuredLinear` (2:4) where
+timing shows that is faster; :func:`save_sparse` / :func:`load_sparse` store the compressed arrays;
 :func:`sparse_report` / :func:`format_sparse_report` give per-layer layouts, sizes and times.
 :func:`csr_linear` / :func:`csr_matmul` on a :class:`CSRMatrix` are the kernels underneath.
 See :mod:`sparsetrain.sparse.convert` for a runnable example.
@@ -21,10 +23,24 @@ from .convert import (
     sparse_report,
     to_sparse,
 )
+from .block import (
+    BlockMatrix,
+    SparseBlockConv2d,
+    SparseBlockLinear,
+    SparseSemiStructuredLinear,
+    detect_block_size,
+    semi_structured_problem,
+)
 from .kernels import CSRMatrix, csr_linear, csr_matmul, extension_available, extension_error
 from .training import SparseTrainLinear, densify_after_training_, sparsify_for_training_
 
 __all__ = [
+    "BlockMatrix",
+    "SparseBlockConv2d",
+    "SparseBlockLinear",
+    "SparseSemiStructuredLinear",
+    "detect_block_size",
+    "semi_structured_problem",
     "SparseTrainLinear",
     "densify_after_training_",
     "sparsify_for_training_",

@@ -95,8 +95,9 @@ Progress = Callable[[str], None] | None
 class BenchRow:
     """One layer (or the whole model, ``layer == END_TO_END``) at one batch size.
 
-    ``layout``: ``"dense"``, ``"csr:kernel"`` or ``"csr:torch"`` for a layer; ``"k/n csr"`` end
-    to end (k of the n Linear/Conv2d layers converted). Times in seconds; ``speedup`` = dense /
+    ``layout``: ``"dense"``, ``"csr:kernel"``, ``"csr:torch"``, ``"bsr"`` or ``"semi"`` for a layer;
+    ``"k/n csr"`` end to end (k of the n Linear/Conv2d layers converted; ``"k/n bsr+csr"`` when
+    other layouts were chosen too). Times in seconds; ``speedup`` = dense /
     sparse (end to end: median of the per-round ratios); ``flop_limit`` = 1 / (1 - sparsity);
     ``candidates``: every layout's median time at conversion (layers only)."""
 
@@ -380,7 +381,9 @@ def _kernel_note() -> str:
 
 
 def _layouts(report) -> str:
-    return f"{sum(r.layout == 'csr' for r in report)}/{len(report)} csr"
+    """"k/n csr" (k of n layers converted), or e.g. "k/n bsr+csr" when other layouts were chosen."""
+    kinds = sorted({r.layout for r in report if r.layout != "dense"}) or ["csr"]
+    return f"{sum(r.layout != 'dense' for r in report)}/{len(report)} {'+'.join(kinds)}"
 
 
 def _end_to_end(dense: nn.Module, fast: nn.Module, x: torch.Tensor, repeats: int, budget_s: float):
@@ -437,10 +440,10 @@ def bench(
             for r in report:
                 weight_entries = math.prod(r.shape)
                 s = 1.0 - r.nnz / weight_entries
-                chosen = "dense" if r.layout == "dense" else f"csr:{r.backend}"
+                chosen = r.choice
                 times = (getattr(fast.get_submodule(r.name), "sparse_choice", None) or {}).get("times", {})
                 d_t = r.dense_time if r.dense_time is not None else float("nan")
-                s_t = (r.sparse_time if r.layout == "csr" else r.dense_time)
+                s_t = (r.sparse_time if r.layout != "dense" else r.dense_time)
                 s_t = s_t if s_t is not None else float("nan")
                 rows.append(BenchRow(
                     batch_size=b, layer=r.name, kind=r.kind, layout=chosen, shape=tuple(r.shape), nnz=r.nnz,

@@ -1,6 +1,7 @@
 """Run a pruned network sparse: bake the mask, then replace each pruned ``nn.Linear`` /
-``nn.Conv2d`` by a module that stores only the nonzero weights (CSR, 32-bit indices) and skips
-the zeros, where that is faster.
+``nn.Conv2d`` by a module that stores only the nonzero weights (CSR, 32-bit indices; for
+structured masks also BSR tiles or, on CUDA, 2:4 groups: :mod:`sparsetrain.sparse.block`) and
+skips the zeros, where that is faster.
 
     >>> import torch, sparsetrain as st
     >>> from sparsetrain.sparse import to_sparse, sparse_report, format_sparse_report
@@ -23,13 +24,21 @@ time; dense wins ties. Layers are decided in model order, and the input's layout
 (through ReLU etc.) and a sparse layer reads without a copy, so after each SparseLinear the later
 layers' inputs are recorded again and they are timed on that layout (LeNet-300-100 at 98%, batch
 64: its 100x300 layer, timed on a contiguous input, had stayed dense; 38 us dense vs 25 us sparse
-on the transposed input it really gets). The candidates are ``"dense"`` (the original layer, mask baked) and
-``"csr"`` with two backends: ``"kernel"`` (sparsetrain's C++ kernel, see
-:mod:`sparsetrain.sparse.kernels`) and ``"torch"`` (``torch.sparse_csr_tensor``, i.e. MKL's sparse
-BLAS on CPU). ``layouts=("csr",)`` forces the sparse layout (the backend is still timed when
-``input_shape`` is given, else the C++ kernel is taken); ``layouts=("dense",)`` converts nothing. Choices are cached in-process by (layer kind,
-shape, nnz, input shape and layout, threads, dtype, device, candidates), so converting the same model again
-does not re-time. Each layer keeps its choice and times in ``.sparse_choice`` (a dict).
+on the transposed input it really gets). The candidates (:data:`LAYOUTS`) are ``"dense"`` (the
+original layer, mask baked); ``"csr"`` with two backends: ``"kernel"`` (sparsetrain's C++ kernel,
+see :mod:`sparsetrain.sparse.kernels`; CPU only) and ``"torch"`` (``torch.sparse_csr_tensor``, i.e.
+MKL's sparse BLAS on CPU, cuSPARSE on CUDA); ``"bsr"`` (block-sparse rows,
+:class:`~sparsetrain.sparse.block.SparseBlockLinear` / ``SparseBlockConv2d``), a candidate only
+for a layer whose zeros are blocky (:func:`~sparsetrain.sparse.block.detect_block_size`); and
+``"semi"`` (2:4 semi-structured, :class:`~sparsetrain.sparse.block.SparseSemiStructuredLinear`), a
+candidate only for a 2:4-sparse float16/bfloat16 Linear on a CUDA GPU that runs it, never on CPU.
+``layouts=("csr",)`` forces the sparse layout (the backend is still timed when ``input_shape`` is
+given, else the C++ kernel is taken); forced layouts without ``input_shape`` take, per layer, the
+first one in ``layouts`` that the layer qualifies for (``layouts=("bsr", "csr")``: BSR where blocky,
+else CSR), and a layer that qualifies for none is an error; ``layouts=("dense",)`` converts
+nothing. Choices are cached in-process by (layer kind, shape, nnz, input shape and layout, threads,
+dtype, device, the layer's candidates and block size), so converting the same model again does not
+re-time. Each layer keeps its choice and times in ``.sparse_choice`` (a dict).
 
 Which layers are candidates: ``nn.Linear`` and ``nn.Conv2d`` (exactly these types, not
 subclasses; zero padding given as numbers; not inside ``nn.MultiheadAttention`` or
@@ -39,9 +48,10 @@ subclasses; zero padding given as numbers; not inside ``nn.MultiheadAttention`` 
 
 The sparse modules are for inference: they hold their arrays as buffers, not parameters, and
 refuse inputs that require gradients. Files: :func:`save_sparse` writes a safetensors file with
-the model's state dict (the sparse layers' ``crow_indices``, ``col_indices``, ``values``, ``bias``
-in place of ``weight``) plus JSON metadata of layouts and shapes; :func:`load_sparse` rebuilds the
-model from a factory or a template of the dense architecture.
+the model's state dict (a CSR or BSR layer's ``crow_indices``, ``col_indices``, ``values``, a 2:4
+layer's ``values`` and ``meta``, and ``bias``, in place of ``weight``) plus JSON metadata of layouts
+and shapes; :func:`load_sparse` rebuilds the model, each layer in its layout, from a factory or a
+template of the dense architecture.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -61,6 +72,17 @@ import torch.nn.functional as F
 
 from ..errors import SparsetrainError
 from ..masks import Mask, check_mask
+from .block import (
+    BlockMatrix,
+    SparseBlockConv2d,
+    SparseBlockLinear,
+    SparseSemiStructuredLinear,
+    _BlockBase,
+    block_problem,
+    conv_matrix,
+    detect_block_size,
+    semi_structured_problem,
+)
 from .kernels import CSRMatrix, csr_linear, csr_matmul, extension_available
 
 __all__ = [
@@ -76,9 +98,10 @@ __all__ = [
     "to_sparse",
 ]
 
-LAYOUTS = ("dense", "csr")
+LAYOUTS = ("dense", "csr", "bsr", "semi")
 BACKENDS = ("kernel", "torch")
-FORMAT = "sparsetrain.sparse/1"
+FORMAT = "sparsetrain.sparse/1"  # files with only dense and CSR layers (readable by older versions)
+FORMAT_V2 = "sparsetrain.sparse/2"  # files with BSR or 2:4 layers
 _META_KEY = "sparsetrain.sparse"
 
 
@@ -234,6 +257,32 @@ def _sparse_from_dense(layer: nn.Module, backend: str) -> _SparseBase:
     return SparseLinear.from_dense(layer, backend) if isinstance(layer, nn.Linear) else SparseConv2d.from_dense(layer, backend)
 
 
+# Every sparse module to_sparse can produce; those of _TRANSPOSED_OUTPUT return a 2-D output as a
+# transposed view (strides (1, B)), which changes the layout the next layers receive.
+SPARSE_MODULES = (_SparseBase, _BlockBase, SparseSemiStructuredLinear)
+_TRANSPOSED_OUTPUT = (SparseLinear, SparseBlockLinear)
+
+
+def _build_candidate(layer: nn.Module, candidate: str, block: tuple[int, int] | None = None) -> nn.Module:
+    """The module for one candidate: "csr:<backend>", "bsr" (``block`` or detected) or "semi"."""
+    if candidate == "bsr":
+        cls = SparseBlockLinear if isinstance(layer, nn.Linear) else SparseBlockConv2d
+        return cls.from_dense(layer, block)
+    if candidate == "semi":
+        return SparseSemiStructuredLinear.from_dense(layer)
+    return _sparse_from_dense(layer, candidate.split(":")[1])
+
+
+def _layout_of(module: nn.Module) -> str:
+    if isinstance(module, _SparseBase):
+        return "csr"
+    if isinstance(module, _BlockBase):
+        return "bsr"
+    if isinstance(module, SparseSemiStructuredLinear):
+        return "semi"
+    return "dense"
+
+
 # ----------------------------------------------------------------------------- conversion
 
 # (kind, weight shape, nnz, input shape and layout, threads, dtype, device, candidates) -> (choice, times)
@@ -258,16 +307,21 @@ def to_sparse(
     inplace: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` (``model`` itself if ``inplace``) with ``mask`` baked in and each pruned
-    Linear/Conv2d replaced by :class:`SparseLinear` / :class:`SparseConv2d` where that is faster.
+    Linear/Conv2d replaced by a sparse module (:class:`SparseLinear` / :class:`SparseConv2d` for
+    CSR, :class:`~sparsetrain.sparse.block.SparseBlockLinear` / ``SparseBlockConv2d`` for BSR,
+    :class:`~sparsetrain.sparse.block.SparseSemiStructuredLinear` for 2:4) where that is faster.
 
     ``mask``: ``{parameter name: bool tensor}`` as :func:`sparsetrain.prune_at_init` returns;
     ``None`` takes the zeros already in the weights. ``batch_size`` and ``input_shape`` (one
     example's shape, e.g. ``(1, 28, 28)``) define the dummy batch whose per-layer input shapes the
-    timings use; ``input_shape`` is required unless ``layouts`` names one layout. ``layouts``:
-    candidates among :data:`LAYOUTS` (default both: timed, fastest kept). ``repeats``: timed
-    calls per candidate (median). The model is moved to ``device``; the result is for inference.
+    timings use; ``input_shape`` is required when ``layouts`` includes ``"dense"`` and more.
+    ``layouts``: candidates among :data:`LAYOUTS` (default all: each layer times those it
+    qualifies for, fastest kept; ``"semi"`` is dropped off CUDA). ``repeats``: timed calls per
+    candidate (median). The model is moved to ``device`` (``"cuda"``: candidates dense, torch CSR,
+    BSR and 2:4); the result is for inference.
     """
-    candidates = _check_layouts(layouts)
+    dev = torch.device(device)
+    candidates = _check_layouts(layouts, dev)
     if batch_size < 1 or int(batch_size) != batch_size:
         raise SparsetrainError(f"batch_size must be a positive integer, got {batch_size!r}")
     if repeats < 1:
@@ -285,11 +339,13 @@ def to_sparse(
                 params[name].mul_(m.to(params[name].device))
 
     layers = _candidate_layers(target, mask)
-    # Forced sparse without an input shape: the C++ kernel (first backend) untimed. Otherwise the
-    # candidates (dense and/or the two CSR backends) are timed on each layer's real input.
-    if "dense" not in candidates and input_shape is None:
-        candidates = candidates[:1]
-    needs_timing = len(candidates) > 1 and bool(layers)
+    # Each layer's own candidates: bsr only where its zeros are blocky, semi only where it is 2:4
+    # on a GPU that runs it (a layer left with none is an error naming why).
+    per_layer = {name: _layer_candidates(name, layer, candidates) for name, layer in layers.items()}
+    # Forced sparse without an input shape: each layer's first candidate (for CSR the C++ kernel),
+    # untimed. Otherwise the candidates are timed on each layer's real input.
+    untimed = "dense" not in candidates and input_shape is None
+    needs_timing = not untimed and any(len(c) > 1 for c, _ in per_layer.values())
     shapes: dict[str, tuple[int, ...]] = {}
     transposed: set[str] = set()  # layers whose input is a transposed view (see _record_inputs)
     batch_shape = (int(batch_size), *tuple(input_shape or ()))
@@ -305,37 +361,41 @@ def to_sparse(
     names = list(layers)
     for i, (name, layer) in enumerate(layers.items()):
         weight = layer.weight.detach()
-        if not needs_timing:
-            choice, times = candidates[0], {}
+        cands, block = per_layer[name]
+        if untimed or len(cands) == 1:
+            choice, times = cands[0], {}
         elif name not in shapes:  # never called by forward: nothing to time it on
-            choice, times = "dense", {}
+            choice, times = ("dense" if "dense" in cands else cands[0]), {}
         else:
             key = (
                 type(layer).__name__, tuple(weight.shape), _geometry_key(layer), int((weight != 0).sum()),
-                shapes[name], name in transposed, threads, str(weight.dtype), str(weight.device), candidates,
+                shapes[name], name in transposed, threads, str(weight.dtype), str(weight.device), cands, block,
             )
             if key not in _CHOICE_CACHE:
                 if len(_CHOICE_CACHE) >= _CACHE_SIZE:
                     _CHOICE_CACHE.pop(next(iter(_CHOICE_CACHE)))
-                _CHOICE_CACHE[key] = _choose(layer, shapes[name], candidates, repeats, name in transposed)
+                _CHOICE_CACHE[key] = _choose(layer, shapes[name], cands, repeats, name in transposed)
             choice, times = _CHOICE_CACHE[key]
         info = {
-            "layout": "dense" if choice == "dense" else "csr",
+            "layout": choice.split(":")[0],
             "backend": choice.split(":")[1] if ":" in choice else None,
+            "candidate": choice,
             "input_shape": list(shapes[name]) if name in shapes else None,
             "input_transposed": name in transposed,
             "times": dict(times),
         }
+        if choice == "bsr":
+            info["block"] = list(block)
         if choice == "dense":
             layer.sparse_choice = info
         else:
-            sparse = _sparse_from_dense(layer, info["backend"])
+            sparse = _build_candidate(layer, choice, block)
             sparse.sparse_choice = info
             if name == "":  # the model is itself one Linear/Conv2d
                 target = sparse
             else:
                 _set_submodule(target, name, sparse)
-            if needs_timing and isinstance(sparse, SparseLinear) and i + 1 < len(names):
+            if needs_timing and isinstance(sparse, _TRANSPOSED_OUTPUT) and i + 1 < len(names):
                 # Its output is a transposed view (strides (1, B)), which the layers after it may
                 # now receive (through ReLU etc.): record their inputs again, so that each is timed
                 # on the layout a real forward gives it.
@@ -346,8 +406,9 @@ def to_sparse(
     return target
 
 
-def _check_layouts(layouts: Iterable[str] | None) -> tuple[str, ...]:
-    """Candidates as ``("dense", "csr:kernel", "csr:torch")`` (csr:kernel only where it builds)."""
+def _check_layouts(layouts: Iterable[str] | None, device: torch.device = torch.device("cpu")) -> tuple[str, ...]:
+    """Candidates as ``("dense", "csr:kernel", "csr:torch", "bsr", "semi")``: dense first, then the
+    sparse ones in the order given; csr:kernel only on CPU where it builds, semi only on CUDA."""
     if layouts is None:
         layouts = LAYOUTS
     if isinstance(layouts, str):
@@ -356,12 +417,49 @@ def _check_layouts(layouts: Iterable[str] | None) -> tuple[str, ...]:
     unknown = [x for x in layouts if x not in LAYOUTS]
     if unknown or not layouts:
         raise SparsetrainError(f"unknown layouts {unknown or layouts}; choose from {LAYOUTS}, e.g. layouts=('csr',)")
-    out: list[str] = []
-    if "dense" in layouts:
-        out.append("dense")
-    if "csr" in layouts:
-        out += ["csr:kernel", "csr:torch"] if extension_available() else ["csr:torch"]
+    out: list[str] = ["dense"] if "dense" in layouts else []
+    for name in dict.fromkeys(layouts):  # the given order, each once
+        if name == "csr":
+            out += ["csr:kernel", "csr:torch"] if device.type == "cpu" and extension_available() else ["csr:torch"]
+        elif name == "bsr":
+            out.append("bsr")
+        elif name == "semi" and device.type == "cuda":
+            out.append("semi")
+    if "semi" in layouts and out in ([], ["dense"]):
+        raise SparsetrainError(
+            f"layouts={layouts} asks for 'semi' (2:4 semi-structured), which runs only on CUDA GPUs, but device is "
+            f"{device}; convert with device='cuda', or add 'csr' or 'bsr' to layouts"
+        )
     return tuple(out)
+
+
+def _layer_candidates(name: str, layer: nn.Module, candidates: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+    """The candidates ``layer`` qualifies for, and its BSR block size (``None`` unless "bsr" is
+    among them). Raises if none is left, saying why each was ruled out."""
+    out: list[str] = []
+    block = None
+    why: list[str] = []
+    for c in candidates:
+        if c == "bsr":
+            matrix = conv_matrix(layer) if isinstance(layer, nn.Conv2d) else layer.weight
+            block = detect_block_size(matrix)
+            if block is None:
+                why.append(f"bsr: {block_problem(matrix)}")
+                continue
+        elif c == "semi":
+            problem = (semi_structured_problem(layer.weight) if isinstance(layer, nn.Linear)
+                       else "only Linear layers run as 2:4")
+            if problem is not None:
+                why.append(f"semi: {problem}")
+                continue
+        out.append(c)
+    if not out:
+        raise SparsetrainError(
+            f"layer {name or '(the model)'!r} ({type(layer).__name__}, weight {tuple(layer.weight.shape)}) can use none "
+            f"of the requested layouts: {'; '.join(why)}. Add 'csr' (any mask) or 'dense' to layouts, or prune with "
+            "the matching structure (structure='block32x32' for bsr, '2:4' for semi)"
+        )
+    return tuple(out), block
 
 
 _WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -448,10 +546,31 @@ def _choose(layer: nn.Module, in_shape: tuple[int, ...], candidates: tuple[str, 
         x = torch.randn(in_shape, dtype=w.dtype, device=w.device)
     fns: dict[str, Callable[[], torch.Tensor]] = {}
     for c in candidates:
-        fns[c] = layer if c == "dense" else _sparse_from_dense(layer, c.split(":")[1])
+        if c == "dense":
+            fns[c] = layer
+        elif w.device.type == "cpu":  # the paths tested here: any failure is a bug, so it is raised
+            fns[c] = _build_candidate(layer, c)
+        else:
+            # Off CPU a backend may refuse a shape or lack a kernel in this build (cuSPARSELt,
+            # Triton): drop that candidate with a warning rather than fail the conversion.
+            try:
+                m = _build_candidate(layer, c)
+                with torch.no_grad():
+                    m(x)
+                fns[c] = m
+            except (RuntimeError, NotImplementedError, ValueError) as exc:
+                warnings.warn(
+                    f"{type(layer).__name__} {tuple(w.shape)} on {w.device}: layout candidate {c!r} failed and is "
+                    f"skipped ({type(exc).__name__}: {str(exc)[:300]})", RuntimeWarning, stacklevel=3,
+                )
+    if not fns:
+        raise SparsetrainError(
+            f"none of the layouts {candidates} runs for {type(layer).__name__} {tuple(w.shape)} on {w.device} (see the "
+            "warnings above); add 'dense' or 'csr' to layouts"
+        )
     times = _time_interleaved({c: (lambda m=m: m(x)) for c, m in fns.items()}, repeats, w.device)
-    best = min(candidates, key=lambda c: (times[c], c != "dense"))
-    if best != "dense" and "dense" in candidates:
+    best = min(fns, key=lambda c: (times[c], c != "dense"))
+    if best != "dense" and "dense" in fns:
         density = float((w != 0).float().mean())
         # Sparse must win clearly: a near-tie in a micro-benchmark can lose end to end (and CSR
         # stores 8 bytes per kept fp32 weight, so above half density it also costs memory).
@@ -492,9 +611,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 @dataclass(frozen=True)
 class SparseLayerRow:
     """One layer of :func:`sparse_report`. Bytes count the weight and bias as stored:
-    dense = (M*K + M) * itemsize; csr = 4 (M + 1) + (4 + itemsize) nnz + M * itemsize.
-    ``params`` = stored parameters (nnz + bias), ``dense_params`` = weight + bias entries.
-    Times are the medians measured at conversion (seconds; ``None`` when not timed)."""
+    dense = (M*K + M) * itemsize; csr = 4 (M + 1) + (4 + itemsize) nnz + M * itemsize;
+    bsr (R x C tiles) = 4 (M/R + 1) + 4 nblocks + nblocks R C itemsize + M * itemsize;
+    semi (2:4) = M K/2 itemsize + M K/8 (4 bits of positions per group of 4) + M * itemsize.
+    ``nnz`` = nonzero weights; ``params`` = stored parameters (weight values as stored, zeros
+    inside BSR tiles and 2:4 groups included, + bias), ``dense_params`` = weight + bias entries.
+    ``block`` = the BSR tile (R, C), else ``None``. Times are the medians measured at conversion
+    (seconds; ``None`` when not timed)."""
 
     name: str
     kind: str
@@ -508,6 +631,12 @@ class SparseLayerRow:
     stored_bytes: int
     dense_time: float | None
     sparse_time: float | None
+    block: tuple[int, int] | None = None
+
+    @property
+    def choice(self) -> str:
+        """The candidate name as timed: "dense", "csr:kernel", "csr:torch", "bsr" or "semi"."""
+        return f"csr:{self.backend}" if self.layout == "csr" else self.layout
 
 
 class SparseReport(list):
@@ -530,15 +659,18 @@ def sparse_report(model: nn.Module) -> SparseReport:
     """One row per Linear/Conv2d layer, dense or sparse, in model order (see :class:`SparseLayerRow`)."""
     rows = SparseReport()
     for name, m in model.named_modules():
-        if isinstance(m, (SparseLinear, SparseConv2d)):
-            kind = "Linear" if isinstance(m, SparseLinear) else "Conv2d"
+        block = None
+        if isinstance(m, SPARSE_MODULES):
+            kind = "Conv2d" if isinstance(m, (SparseConv2d, SparseBlockConv2d)) else "Linear"
             shape = (m.out_features, m.in_features) if kind == "Linear" else (
                 m.out_channels, m.in_channels // m.groups, *m.kernel_size)
             itemsize = m.values.element_size()
             nbias = 0 if m.bias is None else m.bias.numel()
             dense_params = math.prod(shape) + nbias
-            layout, backend, stored, nnz = "csr", m.backend, m.stored_bytes(), m.nnz
-            params = nnz + nbias
+            layout, stored, nnz = _layout_of(m), m.stored_bytes(), m.nnz
+            backend = m.backend if layout == "csr" else None
+            block = tuple(m.block) if layout == "bsr" else None
+            params = m.values.numel() + nbias
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             kind = "Linear" if isinstance(m, nn.Linear) else "Conv2d"
             shape = tuple(m.weight.shape)
@@ -551,10 +683,11 @@ def sparse_report(model: nn.Module) -> SparseReport:
             continue
         times = (getattr(m, "sparse_choice", None) or {}).get("times", {})
         sparse_times = [t for k, t in times.items() if k != "dense"]
-        chosen = f"csr:{backend}" if layout == "csr" else None
+        chosen = None if layout == "dense" else f"csr:{backend}" if layout == "csr" else layout
         rows.append(SparseLayerRow(
             name, kind, layout, backend, shape, nnz, params, dense_params, dense_params * itemsize, stored,
             times.get("dense"), times.get(chosen) if chosen in times else (min(sparse_times) if sparse_times else None),
+            block,
         ))
     return rows
 
@@ -572,10 +705,10 @@ def format_sparse_report(report: SparseReport | nn.Module) -> str:
             f"{'dense B':>11} {'stored B':>11} {'stored':>7} {'dense ms':>9} {'sparse ms':>9} {'speed-up':>8}")
     lines = [head]
     for r in [*rows, rows.total]:
-        layout = r.layout + (f":{r.backend}" if r.backend else "")
+        layout = r.layout + (f":{r.backend}" if r.backend else "") + (f":{r.block[0]}x{r.block[1]}" if r.block else "")
         frac = f"{r.stored_bytes / r.dense_bytes:.1%}" if r.dense_bytes else "-"
-        speed = (f"{r.dense_time / r.sparse_time:.2f}x" if r.dense_time and r.sparse_time and r.layout == "csr"
-                 else "-")
+        speed = (f"{r.dense_time / r.sparse_time:.2f}x"
+                 if r.dense_time and r.sparse_time and r.layout not in ("dense", "") else "-")
         shape = str(r.shape) if r.shape else ""
         lines.append(f"{r.name:<{width}}  {r.kind:<6} {layout:<10} {shape:<18} {r.nnz:>10} {r.params:>10} "
                      f"{r.dense_bytes:>11} {r.stored_bytes:>11} {frac:>7} {ms(r.dense_time):>9} "
@@ -587,34 +720,45 @@ def format_sparse_report(report: SparseReport | nn.Module) -> str:
 
 
 def save_sparse(model: nn.Module, path: str | Path) -> None:
-    """Write a converted model: its state dict as safetensors (sparse layers as ``crow_indices``,
-    ``col_indices``, ``values``, ``bias``) plus JSON metadata (format, layouts, shapes, times)."""
+    """Write a converted model: its state dict as safetensors (CSR and BSR layers as
+    ``crow_indices``, ``col_indices``, ``values``, 2:4 layers as ``values`` and ``meta`` (see
+    :func:`~sparsetrain.sparse.block.compress_2to4`), each with its ``bias``) plus JSON metadata
+    (format, layouts, shapes, block sizes, times). Files holding only dense and CSR layers keep
+    format ``sparsetrain.sparse/1``; with BSR or 2:4 layers they are ``sparsetrain.sparse/2``."""
     from ..state_io import save_tensors
 
     layers = {}
     for name, m in model.named_modules():
-        if isinstance(m, _SparseBase):
-            entry = {"kind": "Linear" if isinstance(m, SparseLinear) else "Conv2d", "layout": "csr",
-                     "backend": m.backend, "shape": list(m.matrix_shape), "nnz": m.nnz, "has_bias": m.bias is not None,
-                     "choice": m.sparse_choice}
-            if isinstance(m, SparseConv2d):
+        if isinstance(m, SPARSE_MODULES):
+            layout = _layout_of(m)
+            conv = isinstance(m, (SparseConv2d, SparseBlockConv2d))
+            entry = {"kind": "Conv2d" if conv else "Linear", "layout": layout, "shape": list(m.matrix_shape),
+                     "nnz": m.nnz, "has_bias": m.bias is not None, "choice": m.sparse_choice}
+            if layout == "csr":
+                entry["backend"] = m.backend
+            elif layout == "bsr":
+                entry["block"] = list(m.block)
+            if conv:
                 entry["conv"] = m.geometry()
             layers[name] = entry
         elif isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "sparse_choice", None) is not None:
             layers[name] = {"kind": type(m).__name__, "layout": "dense", "choice": m.sparse_choice}
-    meta = {"format": FORMAT, "layers": layers}
+    structured = any(e["layout"] in ("bsr", "semi") for e in layers.values())
+    meta = {"format": FORMAT_V2 if structured else FORMAT, "layers": layers}
     save_tensors(path, dict(model.state_dict()), {_META_KEY: json.dumps(meta)})
 
 
 def load_sparse(path: str | Path, model: nn.Module | Callable[[], nn.Module], *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`save_sparse`. ``model``: the dense architecture, either a
-    template module (copied, not changed) or a factory called with no arguments."""
+    """Rebuild a model written by :func:`save_sparse`, each layer in the layout it was saved in.
+    ``model``: the dense architecture, either a template module (copied, not changed) or a factory
+    called with no arguments. The arrays are checked before use (a damaged file is an error, not
+    a read outside memory)."""
     from ..state_io import load_tensors
 
     tensors, raw = load_tensors(path)
     try:
         meta = json.loads(raw[_META_KEY])
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in (FORMAT, FORMAT_V2):
             raise ValueError(f"format {meta.get('format')!r}")
         layers = meta["layers"]
     except (KeyError, ValueError, TypeError) as exc:
@@ -638,27 +782,53 @@ def load_sparse(path: str | Path, model: nn.Module | Callable[[], nn.Module], *,
             continue
         prefix = f"{name}." if name else ""
         try:
-            W = CSRMatrix(tensors[prefix + "crow_indices"], tensors[prefix + "col_indices"], tensors[prefix + "values"],
-                          tuple(entry["shape"]))
+            sparse = _rebuild_layer(entry, tensors, prefix, name, dense)
         except KeyError as exc:
-            raise SparsetrainError(f"{path} lacks the arrays of sparse layer {name!r}; the file is damaged") from exc
-        W.validate()
-        bias = tensors.get(prefix + "bias") if entry.get("has_bias") else None
-        if entry["kind"] == "Linear":
-            if not isinstance(dense, nn.Linear) or (dense.out_features, dense.in_features) != W.shape:
-                raise SparsetrainError(f"layer {name!r} of the given model is not a Linear of shape {W.shape}")
-            sparse: _SparseBase = SparseLinear(W, bias, entry["backend"])
-        else:
-            g = entry["conv"]
-            if not isinstance(dense, nn.Conv2d) or dense.out_channels != W.shape[0] or dense.in_channels != g["in_channels"]:
-                raise SparsetrainError(f"layer {name!r} of the given model is not the Conv2d the file holds")
-            sparse = SparseConv2d(W, bias, in_channels=g["in_channels"], kernel_size=tuple(g["kernel_size"]),
-                                  stride=tuple(g["stride"]), padding=tuple(g["padding"]), dilation=tuple(g["dilation"]),
-                                  groups=g["groups"], backend=entry["backend"])
+            raise SparsetrainError(f"{path} lacks the arrays of sparse layer {name!r} ({exc}); the file is damaged") from exc
         sparse.sparse_choice = entry.get("choice") or sparse.sparse_choice
-        _set_submodule(target, name, sparse)
+        if name == "":
+            target = sparse
+        else:
+            _set_submodule(target, name, sparse)
     try:
         target.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise SparsetrainError(f"{path} does not fit the given model: {exc}") from exc
     return target.to(device)
+
+
+def _rebuild_layer(entry: dict, tensors: dict[str, torch.Tensor], prefix: str, name: str, dense: nn.Module) -> nn.Module:
+    """The sparse module of one file entry, its arrays validated against the dense layer it replaces."""
+    layout, kind, shape = entry["layout"], entry["kind"], tuple(entry["shape"])
+    bias = tensors.get(prefix + "bias") if entry.get("has_bias") else None
+    if kind == "Linear":
+        if not isinstance(dense, nn.Linear) or (dense.out_features, dense.in_features) != shape:
+            raise SparsetrainError(f"layer {name!r} of the given model is not a Linear of shape {shape}")
+    elif kind == "Conv2d" and layout in ("csr", "bsr"):
+        g = entry["conv"]
+        if not isinstance(dense, nn.Conv2d) or dense.out_channels != shape[0] or dense.in_channels != g["in_channels"]:
+            raise SparsetrainError(f"layer {name!r} of the given model is not the Conv2d the file holds")
+    else:
+        raise SparsetrainError(f"layer {name!r}: unknown kind/layout {kind}/{layout} in the file; written by a newer version?")
+
+    if layout == "semi":
+        sparse = SparseSemiStructuredLinear(tensors[prefix + "values"], tensors[prefix + "meta"], shape, bias)
+        sparse.validate()
+        return sparse
+    if layout == "csr":
+        W = CSRMatrix(tensors[prefix + "crow_indices"], tensors[prefix + "col_indices"], tensors[prefix + "values"], shape)
+    elif layout == "bsr":
+        W = BlockMatrix(tensors[prefix + "crow_indices"], tensors[prefix + "col_indices"], tensors[prefix + "values"], shape)
+        if list(W.block) != list(entry.get("block", W.block)):
+            raise SparsetrainError(f"layer {name!r}: the file's BSR values have {W.block} tiles, its metadata says {entry['block']}")
+    else:
+        raise SparsetrainError(f"layer {name!r}: unknown layout {layout!r} in the file; written by a newer version?")
+    W.validate()
+    if kind == "Linear":
+        return SparseLinear(W, bias, entry["backend"]) if layout == "csr" else SparseBlockLinear(W, bias)
+    g = entry["conv"]
+    geometry = dict(in_channels=g["in_channels"], kernel_size=tuple(g["kernel_size"]), stride=tuple(g["stride"]),
+                    padding=tuple(g["padding"]), dilation=tuple(g["dilation"]), groups=g["groups"])
+    if layout == "csr":
+        return SparseConv2d(W, bias, backend=entry["backend"], **geometry)
+    return SparseBlockConv2d(W, bias, **geometry)
