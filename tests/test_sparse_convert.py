@@ -82,12 +82,14 @@ def test_csr_linear_equals_f_linear(backend, batch, shape, density):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_csr_matmul_batched_and_float64(backend):
-    w = random_sparse((33, 70), 0.2, empty_rows=(3,)).double()
-    X, b = torch.randn(4, 70, 19, dtype=torch.float64), torch.randn(33, dtype=torch.float64)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("n", [19, 150])  # 150 = 2 x 64 + 16 + 4 + 2: every column-block width
+def test_csr_matmul_batched(backend, dtype, tol, n):
+    w = random_sparse((33, 70), 0.2, empty_rows=(3,)).to(dtype)
+    X, b = torch.randn(4, 70, n, dtype=dtype), torch.randn(33, dtype=dtype)
     out = csr_matmul(CSRMatrix.from_dense(w), X, b, backend=backend)
-    assert out.dtype == torch.float64
-    assert rel_err(out, w @ X + b[:, None]) <= 1e-12
+    assert out.dtype == dtype
+    assert rel_err(out, w @ X + b[:, None]) <= tol
 
 
 KERNEL_ONLY = pytest.mark.skipif(not extension_available(), reason="no C++ kernel")
@@ -96,11 +98,12 @@ KERNEL_ONLY = pytest.mark.skipif(not extension_available(), reason="no C++ kerne
 @KERNEL_ONLY
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [2, 16, 17, 40])
+@pytest.mark.parametrize("batch", [2, 16, 17, 40, 64, 130])  # 64, 130: blocks of 64 (+ a remainder)
 @pytest.mark.parametrize("in_features", [83, 96])  # with and without a tail after the 16x16 tiles
 def test_fused_row_major_path_equals_transposed_path(monkeypatch, threads, dtype, batch, in_features):
     """A row-major input goes through the fused transpose (csr_linear_rows), a transposed view
-    through csr_matmul: both equal F.linear, full and partial blocks of 16, on 1 and 2 threads."""
+    through csr_matmul: both equal F.linear, full and partial blocks of 16 (and of 64, float with
+    AVX-512), on 1 and 2 threads."""
     from sparsetrain.sparse import kernels
 
     monkeypatch.setattr(kernels, "MIN_PARALLEL_WORK", 0)  # let 2 threads split even small calls
@@ -181,7 +184,7 @@ def test_auto_choice_is_never_slower_than_dense_in_its_own_timing(name):
         if choice is None:
             continue
         times = choice["times"]
-        picked = "dense" if choice["layout"] == "dense" else f"csr:{choice['backend']}"
+        picked = choice["candidate"]  # "dense", "csr:kernel", "csr:torch" or "bsr"
         assert times[picked] <= times["dense"]
         if picked != "dense":  # sparse is taken only when it clearly wins
             assert times[picked] == min(times.values())

@@ -12,12 +12,15 @@ Two implementations, same results (up to float summation order):
   on first use with ``g++ -O3 -march=native -fopenmp`` in about a second into
   ``$SPARSETRAIN_KERNEL_CACHE`` or ``~/.cache/sparsetrain/kernels/<cpu key>``, called through
   ctypes). Rows are split into chunks of equal nonzero count, run on
-  ``torch.get_num_threads()`` threads. For N = 1 each row is one SIMD gather-reduction (SpMV);
-  for N > 1 the columns of ``X`` are processed in blocks of 16/4 held in registers, so each
-  nonzero ``w`` is loaded once per block and multiplies a contiguous run of ``X[col, n:n+16]``.
+  ``torch.get_num_threads()`` threads (one thread below :data:`MIN_PARALLEL_WORK`). For N = 1
+  each row is one SIMD gather-reduction (SpMV); for N > 1 the columns of ``X`` are processed in
+  blocks of 64 (float32 with AVX-512: four 16-lane registers), then 16/4 held in registers, so
+  each nonzero ``w`` is loaded once per block and multiplies a contiguous run of ``X[col, n:n+B]``.
   :func:`csr_linear` on a row-major ``x`` (B, K) (B > 1) uses ``csr_linear_rows`` instead, which
   fuses the (B, K) -> (K, B) transpose: blocks of 16 examples are transposed into a thread-local
-  (K, 16) buffer (AVX-512 16x16 register transposes for float32) and consumed at once from cache.
+  (K, 16) buffer (AVX-512 16x16 register transposes for float32) and consumed at once from cache
+  (blocks of 64 in a (K, 64) buffer were measured: no faster at batch 64, 20% slower at 1024,
+  where the buffer no longer fits L1).
 * a pure-torch path (``torch.sparse_csr_tensor`` with int32 indices, which dispatches to MKL's
   sparse BLAS on CPU), used when the extension cannot be built, for dtypes other than
   float32/float64, off CPU, and by ``backend="torch"``.
@@ -48,6 +51,12 @@ kept both cores busy; medians of interleaved rounds in one process):
 * :func:`~sparsetrain.sparse.to_sparse` now times each layer on the layout it really receives
   (a previous sparse Linear's transposed view): the 100x300 layer, dense 38 us vs sparse 25 us,
   had been kept dense after being timed on a contiguous input (transpose included).
+
+Then (same model, batch 64, idle machine): blocks of 64 columns in four AVX-512
+accumulators (independent FMA chains; one 16-wide accumulator per row made every FMA wait for the
+previous one): the 100x300 layer 17 -> 10.5 us on one thread; and calls under 2**20
+multiply-adds kept on one thread (:data:`MIN_PARALLEL_WORK`): whole model with 2 threads 2.5x ->
+3.4x faster than dense.
 
 4096x4096 weight, batch 1, 1 thread (the SpMV path, unchanged but for the Python overhead): 95%
 sparse 5.0-7.5x, 99% sparse 18-27x faster than ``F.linear`` (before: 4.7-6.8x and 15-21x in the
@@ -106,6 +115,40 @@ inline void row_block(const int32_t* __restrict cols, const T* __restrict vals, 
   for (int b = 0; b < BB; ++b) y[(n0 + b) * sn] = acc[b];
 }
 
+#ifdef __AVX512F__
+// 64 float columns at once: four 16-lane accumulators, so four independent FMA chains per
+// nonzero. With one 16-column block at a time every FMA waited for the previous one's result
+// (4 cycles), and rows of tens of nonzeros ran latency-bound: LeNet-300-100's 100x300 layer at
+// 98% (37 nonzeros per row), batch 64, one thread: 17 us -> see the module docstring. (A
+// generic ``T acc[64]`` loop spilled its accumulators: hence the intrinsics.)
+inline void row_block64_f32(const int32_t* __restrict cols, const float* __restrict vals, int64_t lo, int64_t hi,
+                            const float* __restrict X, int64_t N, int64_t n0, float init, float* __restrict y,
+                            int64_t sn) {
+  __m512 a0 = _mm512_set1_ps(init), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t j = lo; j < hi; ++j) {
+    const __m512 v = _mm512_set1_ps(vals[j]);
+    const float* __restrict xr = X + static_cast<int64_t>(cols[j]) * N + n0;
+    a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr), a0);
+    a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16), a1);
+    a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 32), a2);
+    a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 48), a3);
+  }
+  if (sn == 1) {
+    _mm512_storeu_ps(y + n0, a0);
+    _mm512_storeu_ps(y + n0 + 16, a1);
+    _mm512_storeu_ps(y + n0 + 32, a2);
+    _mm512_storeu_ps(y + n0 + 48, a3);
+  } else {
+    alignas(64) float out[64];
+    _mm512_store_ps(out, a0);
+    _mm512_store_ps(out + 16, a1);
+    _mm512_store_ps(out + 32, a2);
+    _mm512_store_ps(out + 48, a3);
+    for (int b = 0; b < 64; ++b) y[(n0 + b) * sn] = out[b];
+  }
+}
+#endif
+
 // One column n of X: a SIMD gather-reduction over the row (sparse matrix-vector product).
 template <typename T>
 inline void row_single(const int32_t* __restrict cols, const T* __restrict vals, int64_t lo, int64_t hi,
@@ -139,7 +182,14 @@ void run_rows(const int32_t* crow, const int32_t* cols, const T* vals, const T* 
     }
     return;
   }
-  // Blocks of 16 columns (one AVX-512 register of floats): wider blocks measured slower.
+#ifdef __AVX512F__
+  if constexpr (std::is_same_v<T, float>) {  // blocks of 64 columns in four registers
+    for (; n0 + 64 <= N; n0 += 64)
+      for (int64_t r = r0; r < r1; ++r)
+        row_block64_f32(cols, vals, crow[r], crow[r + 1], X, N, n0, bias ? bias[r] : 0.0f, Y + r * sr, sn);
+  }
+#endif
+  // Blocks of 16 columns: generic code, one accumulator chain per row (wider generic blocks spill).
   rows_blocked<T, 16>(crow, cols, vals, bias, X, N, n0, Y, sr, sn, r0, r1);
   rows_blocked<T, 4>(crow, cols, vals, bias, X, N, n0, Y, sr, sn, r0, r1);
   for (; n0 < N; ++n0)
@@ -345,8 +395,13 @@ _EXTENSION = None
 _EXTENSION_ERROR: str | None = None
 _LOCK = threading.Lock()
 
-# Below this many multiply-adds a call runs on one thread: waking the thread pool costs more.
-MIN_PARALLEL_WORK = 32768
+# Below this many multiply-adds a call runs on one thread. A parallel region costs more than its
+# own wake-up: our OpenMP runtime's spinning worker then competes with torch's for the cores, and
+# the next op pays (LeNet-300-100 at 98%, batch 64, 2 threads, in the model's chain: the ReLU after
+# the 300x784 layer took 8 us instead of 4, the 100x300 layer 24 us instead of 15). Timed alone,
+# each layer looked faster on 2 threads. With 32768 here the whole model ran 2.9-3.0x faster than
+# dense; with 2**20, 3.4x (benchmarks/bench_sparse.py).
+MIN_PARALLEL_WORK = 1 << 20
 
 
 def _cache_dir() -> Path:
