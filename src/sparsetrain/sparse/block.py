@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import SparsetrainError
+from .unfold import UnfoldedConv, convertible_conv
 
 __all__ = [
     "BLOCK_SIZES",
@@ -316,7 +317,7 @@ def conv_matrix(conv: nn.Conv2d) -> torch.Tensor:
     return full
 
 
-class SparseBlockConv2d(_BlockBase):
+class SparseBlockConv2d(UnfoldedConv, _BlockBase):
     """``nn.Conv2d`` (zero padding) as a BSR matrix (out, C*kh*kw) times ``F.unfold(x)``, the whole
     batch in one product: (out, K) @ (K, B*L). Groups make the matrix block-diagonal."""
 
@@ -333,17 +334,12 @@ class SparseBlockConv2d(_BlockBase):
         groups: int = 1,
     ):
         super().__init__()
-        self.out_channels = weight.shape[0]
-        self.in_channels = in_channels
-        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
-        self.padding, self.dilation, self.groups = tuple(padding), tuple(dilation), groups
-        if weight.shape[1] != in_channels * math.prod(self.kernel_size):
-            raise SparsetrainError(f"a {weight.shape} matrix does not fit {in_channels} channels x {kernel_size} kernels")
+        self._init_geometry(weight.shape, in_channels, kernel_size, stride, padding, dilation, groups)
         self._init_bsr(weight, bias)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, block: tuple[int, int] | None = None) -> "SparseBlockConv2d":
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not convertible_conv(conv):
             raise SparsetrainError(f"{conv} cannot run sparse: only zero padding given as numbers is supported")
         W = conv_matrix(conv)
         block = block or detect_block_size(W)
@@ -359,31 +355,14 @@ class SparseBlockConv2d(_BlockBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _require_inference(self, x)
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise SparsetrainError(f"SparseBlockConv2d expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
-        B, _, H, W_ = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        Wo = (W_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)  # (B, K, L)
+        cols, unbatched, (B, Ho, Wo) = self._unfold(x)  # (B, K, L)
         K, L = cols.shape[1], cols.shape[2]
         y = _bsr_mm(self.matrix.to_torch(), cols.transpose(0, 1).reshape(K, B * L), self._buffers["bias"])  # (out, B*L)
         y = y.view(self.out_channels, B, L).transpose(0, 1).reshape(B, self.out_channels, Ho, Wo)
         return y[0] if unbatched else y
 
-    def geometry(self) -> dict:
-        return {
-            "in_channels": self.in_channels, "kernel_size": list(self.kernel_size), "stride": list(self.stride),
-            "padding": list(self.padding), "dilation": list(self.dilation), "groups": self.groups,
-        }
-
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"block={self.block[0]}x{self.block[1]}, nblocks={self.nblocks}")
+        return f"{self._geometry_repr()}, block={self.block[0]}x{self.block[1]}, nblocks={self.nblocks}"
 
 
 # ----------------------------------------------------------------------------- 2:4 semi-structured

@@ -84,6 +84,7 @@ from .block import (
     semi_structured_problem,
 )
 from .kernels import CSRMatrix, csr_linear, csr_matmul, extension_available
+from .unfold import UnfoldedConv, convertible_conv
 
 __all__ = [
     "LAYOUTS",
@@ -171,7 +172,7 @@ class SparseLinear(_SparseBase):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, backend={self.backend}"
 
 
-class SparseConv2d(_SparseBase):
+class SparseConv2d(UnfoldedConv, _SparseBase):
     """``nn.Conv2d`` (zero padding) as a CSR matrix (out, C*kh*kw) times ``F.unfold(x)``.
 
     Groups are folded into the column indices (a block-diagonal matrix over all input channels)."""
@@ -190,17 +191,12 @@ class SparseConv2d(_SparseBase):
         backend: str = "auto",
     ):
         super().__init__()
-        self.out_channels = weight.shape[0]
-        self.in_channels = in_channels
-        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
-        self.padding, self.dilation, self.groups = tuple(padding), tuple(dilation), groups
-        if weight.shape[1] != in_channels * math.prod(self.kernel_size):
-            raise SparsetrainError(f"a {weight.shape} matrix does not fit {in_channels} channels x {kernel_size} kernels")
+        self._init_geometry(weight.shape, in_channels, kernel_size, stride, padding, dilation, groups)
         self._init_csr(weight, bias, backend)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, backend: str = "auto") -> "SparseConv2d":
-        if not _convertible_conv(conv):
+        if not convertible_conv(conv):
             raise SparsetrainError(f"{conv} cannot run sparse: only zero padding given as numbers is supported")
         out_c, cg = conv.out_channels, conv.in_channels // conv.groups
         kg = cg * math.prod(conv.kernel_size)  # columns per group
@@ -217,16 +213,7 @@ class SparseConv2d(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise SparsetrainError(f"SparseConv2d expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
-        B, _, H, W_ = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        Wo = (W_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)  # (B, K, L)
+        cols, unbatched, (B, Ho, Wo) = self._unfold(x)  # (B, K, L)
         if self.backend == "torch":
             K, L = cols.shape[1], cols.shape[2]
             y = csr_matmul(self.csr, cols.transpose(0, 1).reshape(K, B * L), self.bias, backend="torch")  # (out, B*L)
@@ -237,20 +224,9 @@ class SparseConv2d(_SparseBase):
         return y[0] if unbatched else y
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, nnz={self.nnz}, backend={self.backend}"
-        )
-
-    def geometry(self) -> dict:
-        return {
-            "in_channels": self.in_channels, "kernel_size": list(self.kernel_size), "stride": list(self.stride),
-            "padding": list(self.padding), "dilation": list(self.dilation), "groups": self.groups,
-        }
+        return f"{self._geometry_repr()}, nnz={self.nnz}, backend={self.backend}"
 
 
-def _convertible_conv(conv: nn.Module) -> bool:
-    return isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def _sparse_from_dense(layer: nn.Module, backend: str) -> _SparseBase:
@@ -475,7 +451,7 @@ def _candidate_layers(model: nn.Module, mask: Mask | None) -> dict[str, nn.Modul
             continue
         # Exact types only: subclasses may compute differently, and some (MultiheadAttention's
         # out_proj) are never called, their weight being read directly by the parent.
-        if not (type(module) is nn.Linear or (type(module) is nn.Conv2d and _convertible_conv(module))):
+        if not (type(module) is nn.Linear or (type(module) is nn.Conv2d and convertible_conv(module))):
             continue
         wname = f"{name}.weight" if name else "weight"
         if (wname in mask) if mask is not None else bool((module.weight == 0).any()):
