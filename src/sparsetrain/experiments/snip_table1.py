@@ -123,6 +123,9 @@ def write_table(rows, configs, records, out: Path, seconds: float, argv: list[st
         "(runs already in the store are not repeated); training time recorded per run (s): "
         + ", ".join(f"{r} {mean_std_seconds([x['train_seconds'] for x in per_row[r]])}" for r in rows) + ".",
         "",
+        "How these runs were trained, and what else was tried to close the gap to the paper (other "
+        "scores, learning rates, optimizers, longer training): [snip_table1_variants.md](snip_table1_variants.md).",
+        "",
     ]
     text = "\n".join(lines)
     out.write_text(text)
