@@ -457,13 +457,14 @@ def test_format_runs_table_cells(store):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == [
         "key", "name", "model", "dataset", "method", "sparsity", "seed", "status",
-        "test_error_final", "test_error_best_val", "created_at",
+        "test_error_final", "test_error_best_val", "created_at", "updated_at",
     ]  # fmt: skip
     first = [c.strip() for c in lines[2].strip("|").split("|")]
     assert first[:10] == [
         "0123456789", "lenet_snip", "lenet300", "mnist", "snip", "0.95", "7", "finished", "1.83%", "1.75%",
     ]  # fmt: skip
     assert first[10] == records[0].created_at[:19].replace("T", " ")
+    assert first[11] == records[0].updated_at[:19].replace("T", " ")
     second = [c.strip() for c in lines[3].strip("|").split("|")]
     assert second[:10] == ["fedcba9876", "-", "vgg_d", "cifar10", "snip", "-", "1", "running", "-", "-"]
 

@@ -472,7 +472,7 @@ def _no_run(key: str) -> SparsetrainError:
 _CONFIG_COLUMNS = ("model", "dataset", "method", "sparsity")
 _PERCENT_COLUMNS = ("test_error_final", "test_error_best_val")
 DEFAULT_COLUMNS = (
-    "key", "name", *_CONFIG_COLUMNS, "seed", "status", *_PERCENT_COLUMNS, "created_at",
+    "key", "name", *_CONFIG_COLUMNS, "seed", "status", *_PERCENT_COLUMNS, "created_at", "updated_at",
 )  # fmt: skip
 _RIGHT_ALIGNED = frozenset({"sparsity", "seed", *_PERCENT_COLUMNS})
 _MISSING = "-"
@@ -484,7 +484,9 @@ def format_runs_table(records: Sequence[RunRecord], columns: Sequence[str] | Non
     Columns (default: all, in this order): key (first 10 chars), name, model, dataset, method,
     sparsity (from the config, see below), seed, status, test_error_final and
     test_error_best_val (results entries, taken as fractions and shown as percentages with two
-    decimals, e.g. ``7.53%``), created_at (``YYYY-MM-DD HH:MM:SS``, UTC). Missing values show as
+    decimals, e.g. ``7.53%``), created_at and updated_at (``YYYY-MM-DD HH:MM:SS``, UTC; a running
+    run updates it at every logged metric, so a 'running' run whose updated_at has stopped moving
+    died, and resumes when run again). Missing values show as
     ``-``. A config entry is looked up at the top level, else in nested dicts; a dict value shows
     its ``name`` entry. Raises SparsetrainError for unknown column names.
     """
@@ -517,8 +519,8 @@ def _cell(record: RunRecord, column: str) -> str:
         return str(record.seed)
     if column == "status":
         return record.status
-    if column == "created_at":
-        return record.created_at[:19].replace("T", " ")
+    if column in ("created_at", "updated_at"):
+        return getattr(record, column)[:19].replace("T", " ")
     if column in _PERCENT_COLUMNS:
         return _percent((record.results or {}).get(column))
     return _show(_config_value(record.config, column))
