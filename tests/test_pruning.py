@@ -236,3 +236,16 @@ def test_large_selection_matches_a_sorting_oracle(sparsity, kind):
     expected = _oracle_top(scores, k)
     assert sum(int(m.sum()) for m in mask.values()) == k
     assert all(torch.equal(mask[n], expected[n]) for n in scores)
+
+
+@pytest.mark.parametrize("k", [1, 2, 17, 5_000, 57_500, 115_000, 115_016])
+def test_kth_largest_value_is_exact(k):
+    # The value itself (top_k's tie handling would hide an off-by-one here), against a full sort.
+    import numpy as np
+
+    from sparsetrain.pruning.select import _kth_largest_numpy
+
+    rng = np.random.default_rng(k)
+    arrays = [rng.random(75_000, dtype=np.float32), rng.integers(0, 300, 40_000).astype(np.float32) / 300, rng.random(17, dtype=np.float32)]
+    expected = float(np.sort(np.concatenate(arrays))[::-1][k - 1])
+    assert _kth_largest_numpy([a.copy() for a in arrays], k) == expected
