@@ -201,7 +201,7 @@ def test_layers_after_a_bsr_linear_are_timed_on_its_transposed_output(monkeypatc
     mask = {"0.weight": tile_mask((256, 512), 32, 0.1), "2.weight": tile_mask((128, 256), 32, 0.1)}
     seen = []
 
-    def fake_choose(layer, in_shape, candidates, repeats, transposed=False):
+    def fake_choose(layer, in_shape, candidates, repeats, transposed=False, block=None):
         seen.append(transposed)
         return "bsr", {}
 

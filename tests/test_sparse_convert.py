@@ -220,7 +220,7 @@ def test_layers_are_timed_on_the_layout_they_receive(monkeypatch):
         clear_choice_cache()
         seen = []
 
-        def fake_choose(layer, in_shape, candidates, repeats, transposed=False):
+        def fake_choose(layer, in_shape, candidates, repeats, transposed=False, block=None):
             seen.append(transposed)
             return (first if not seen[:-1] else csr), {}
 

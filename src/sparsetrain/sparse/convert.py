@@ -350,7 +350,7 @@ def to_sparse(
             if key not in _CHOICE_CACHE:
                 if len(_CHOICE_CACHE) >= _CACHE_SIZE:
                     _CHOICE_CACHE.pop(next(iter(_CHOICE_CACHE)))
-                _CHOICE_CACHE[key] = _choose(layer, shapes[name], cands, repeats, name in transposed)
+                _CHOICE_CACHE[key] = _choose(layer, shapes[name], cands, repeats, name in transposed, block=block)
             choice, times = _CHOICE_CACHE[key]
         info = {
             "layout": choice.split(":")[0],
@@ -511,10 +511,11 @@ SPARSE_MARGIN = 0.1  # a sparse layout is chosen only if at least 10% faster tha
 
 
 def _choose(layer: nn.Module, in_shape: tuple[int, ...], candidates: tuple[str, ...], repeats: int,
-            transposed: bool = False):
+            transposed: bool = False, block: tuple[int, int] | None = None):
     """Time the candidates on a random input of ``in_shape``, laid out as a transposed view if
     ``transposed`` (as the layer receives it after a sparse Linear: a sparse layer reads that
-    without a copy, which changes which candidate wins); the fastest median wins (dense on ties)."""
+    without a copy, which changes which candidate wins); the fastest median wins (dense on ties).
+    ``block``: the BSR block size already detected for the layer (not detected again)."""
     w = layer.weight
     if transposed:
         x = torch.randn(tuple(reversed(in_shape)), dtype=w.dtype, device=w.device).t()
@@ -525,12 +526,12 @@ def _choose(layer: nn.Module, in_shape: tuple[int, ...], candidates: tuple[str, 
         if c == "dense":
             fns[c] = layer
         elif w.device.type == "cpu":  # the paths tested here: any failure is a bug, so it is raised
-            fns[c] = _build_candidate(layer, c)
+            fns[c] = _build_candidate(layer, c, block)
         else:
             # Off CPU a backend may refuse a shape or lack a kernel in this build (cuSPARSELt,
             # Triton): drop that candidate with a warning rather than fail the conversion.
             try:
-                m = _build_candidate(layer, c)
+                m = _build_candidate(layer, c, block)
                 with torch.no_grad():
                     m(x)
                 fns[c] = m
