@@ -1,0 +1,156 @@
+"""Batches in the forms users have them, and the one way a model's loss is computed from one.
+
+Two forms are understood everywhere a batch is taken (pruning, training, evaluation):
+
+- ``(inputs, targets)``, a tuple or a list (what a ``DataLoader`` over a ``TensorDataset``
+  yields): the model is called as ``model(inputs)`` and its output is the logits.
+- a mapping, as Hugging Face models take it: ``model(**batch)``. The labels, if any, are
+  ``batch["labels"]``; the output carries a ``loss`` and/or ``logits`` (as an attribute, as
+  ``transformers``' ``ModelOutput`` does, or as a mapping key).
+
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> loss, out = forward_loss(model, (torch.ones(4, 3), torch.tensor([0, 1, 0, 1])))
+    >>> tuple(out.shape), loss.dim(), batch_size_of((torch.ones(4, 3), None))
+    ((4, 2), 0, 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SparsetrainError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def is_batch(obj: Any) -> bool:
+    """True for one batch (a mapping, or an ``(inputs, targets)`` pair whose inputs are a tensor,
+    or a mapping with tensor targets), False for anything else, such as a list or loader of
+    batches."""
+    if isinstance(obj, Mapping):
+        return True
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        return False
+    x, y = obj
+    return isinstance(x, torch.Tensor) or (isinstance(x, Mapping) and isinstance(y, torch.Tensor))
+
+
+def targets_of(batch: Any) -> torch.Tensor | None:
+    """The targets: ``y`` of ``(x, y)``, ``batch["labels"]`` of a mapping, else None."""
+    if isinstance(batch, Mapping):
+        return batch.get("labels")
+    return batch[1]
+
+
+def batch_size_of(batch: Any) -> int:
+    """The number of examples: the leading size of the inputs (of the first tensor of a mapping)."""
+    first = batch if isinstance(batch, Mapping) else batch[0]
+    if isinstance(first, Mapping):
+        tensors = [v for v in first.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        if not tensors:
+            raise SparsetrainError(f"cannot tell the size of a batch with keys {list(first)}: it holds no tensor")
+        return int(tensors[0].shape[0])
+    return int(first.shape[0])
+
+
+def to_device(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """The batch with every tensor in it (nested in tuples, lists and mappings) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def _field(outputs: Any, key: str) -> Any:
+    value = getattr(outputs, key, None)
+    if value is None and isinstance(outputs, Mapping):
+        value = outputs.get(key)
+    return value
+
+
+def logits_of(outputs: Any) -> torch.Tensor | None:
+    """The logits of a model's output: the output itself if it is a tensor, else its ``logits``
+    attribute or key; None if it has none (the model is then judged by its loss alone)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    value = _field(outputs, "logits")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def loss_of(outputs: Any) -> torch.Tensor | None:
+    """The ``loss`` attribute or key of a model's output (Hugging Face models return one when the
+    batch has labels), else None."""
+    if isinstance(outputs, torch.Tensor):
+        return None
+    value = _field(outputs, "loss")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shapes(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return str(tuple(batch.shape))
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_shapes(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_shapes(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
+def forward_loss(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None) -> tuple[torch.Tensor, Any]:
+    """``(loss, outputs)`` of ``model`` on one ``batch`` (see the module docstring).
+
+    ``(x, y)``: ``outputs = model(x)``, ``loss = (loss_fn or cross_entropy)(outputs, y)``.
+    A mapping: ``outputs = model(**batch)``; with ``loss_fn`` the loss is
+    ``loss_fn(logits_of(outputs), batch["labels"])``, without it the output's own ``loss``.
+    A batch that does not fit the model raises :class:`SparsetrainError` showing its shapes."""
+    try:
+        if isinstance(batch, Mapping):
+            outputs = model(**batch)
+            return _mapping_loss(model, batch, outputs, loss_fn), outputs
+        x, y = batch
+        outputs = model(**x) if isinstance(x, Mapping) else model(x)
+        logits = logits_of(outputs)
+        if logits is None:
+            raise SparsetrainError(
+                f"{type(model).__name__} returned {type(outputs).__name__} with no logits for an "
+                "(inputs, targets) batch: return a tensor or an output with .logits, or pass dict "
+                "batches with 'labels' so that the model computes its own loss"
+            )
+        return (loss_fn or F.cross_entropy)(logits, y), outputs
+    except RuntimeError as err:
+        raise SparsetrainError(
+            f"a batch {_shapes(batch)} does not fit {type(model).__name__}: {err}. "
+            "Check that the data set matches the model (input shape and number of classes)."
+        ) from err
+
+
+def _mapping_loss(model, batch: Mapping, outputs: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    if loss_fn is not None:
+        logits, labels = logits_of(outputs), batch.get("labels")
+        if labels is None:
+            raise SparsetrainError(
+                f"loss_fn needs the targets, but the dict batch (keys {list(batch)}) has no 'labels'; "
+                "add them, or leave loss_fn out so that the model's own loss is used"
+            )
+        if logits is None:
+            raise SparsetrainError(
+                f"loss_fn needs logits, but {type(model).__name__} returned {type(outputs).__name__} "
+                "with none; leave loss_fn out so that the model's own loss is used"
+            )
+        return loss_fn(logits, labels)
+    loss = loss_of(outputs)
+    if loss is None:
+        raise SparsetrainError(
+            f"{type(model).__name__} returned no loss for a dict batch (keys {list(batch)}): include "
+            "'labels' in the batch so that the model computes its loss, or pass loss_fn "
+            "(called as loss_fn(logits, batch['labels']))"
+        )
+    return loss
