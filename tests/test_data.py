@@ -32,6 +32,7 @@ from sparsetrain.data import (
     resolve_data_root,
     split_train_val,
 )
+from sparsetrain.data import files as files_module
 from sparsetrain.data import idx as idx_module
 from sparsetrain.errors import SparsetrainError
 
@@ -81,7 +82,7 @@ def offline(monkeypatch, tmp_path):
     for name in list(MIRRORS):
         monkeypatch.setitem(MIRRORS, name, [dead])
     monkeypatch.delenv("SPARSETRAIN_DATA", raising=False)
-    monkeypatch.setattr(idx_module, "_VERIFIED_IN_PROCESS", set())
+    monkeypatch.setattr(files_module, "_VERIFIED_IN_PROCESS", set())
 
 
 @pytest.fixture
@@ -249,11 +250,11 @@ def test_verification_is_cached_and_redone_for_changed_files(fake_mnist, monkeyp
     assert (root / "mnist" / ".verified.json").is_file()
 
     # A new process (empty in-memory cache) trusts the JSON cache and hashes nothing.
-    monkeypatch.setattr(idx_module, "_VERIFIED_IN_PROCESS", set())
+    monkeypatch.setattr(files_module, "_VERIFIED_IN_PROCESS", set())
     real_sha256 = hashlib.sha256
-    monkeypatch.setattr(idx_module.hashlib, "sha256", lambda *a: pytest.fail("hashed a verified file"))
+    monkeypatch.setattr(files_module.hashlib, "sha256", lambda *a: pytest.fail("hashed a verified file"))
     load_dataset("mnist", root, download=False)
-    monkeypatch.setattr(idx_module.hashlib, "sha256", real_sha256)
+    monkeypatch.setattr(files_module.hashlib, "sha256", real_sha256)
 
     # A changed file is hashed again and refused.
     changed = root / "mnist" / f"{FILES[1]}.gz"

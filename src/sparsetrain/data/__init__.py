@@ -7,30 +7,53 @@
     ((50, 1, 28, 28), 10)
 
 Data sets are registered by name in ``DATASETS`` (``"mnist"``, ``"fashion-mnist"``,
-``"synthetic"``); IDX files are looked for in ``<root>/<name>/`` with root ``data_dir``, else
-``$SPARSETRAIN_DATA``, else ``~/.cache/sparsetrain``.
+``"synthetic"``), each with the frozen dataclass of the arguments it takes
+(``dataset_spec(name).args``; build one with ``dataset_args(name, {...})``). Files are looked for
+in ``<root>/<name>/`` with root ``data_dir``, else ``$SPARSETRAIN_DATA``, else
+``~/.cache/sparsetrain``. One module per concern: ``files`` (fetch, checksum, cache, archives),
+``args``, ``views``, ``transforms``, ``loaders``; one per format family (``idx``, ``synthetic``).
+See docs/data.md.
 """
 
-from .base import DATASETS, RawData, list_datasets, load_dataset
+from .args import AugmentedImageArgs, ImageArgs, describe_args
+from .base import DATASETS, DatasetSpec, RawData, dataset_args, dataset_spec, list_datasets, load_dataset, register_dataset
+from .files import DataFile, ensure_extracted, locate_files
 from .idx import MIRRORS, SHA256, load_idx_dataset, read_idx, resolve_data_root
 from .loaders import EvalLoader, Loaders, TrainStream, create_loaders, preprocess, split_train_val
-from .synthetic import make_synthetic
+from .synthetic import SyntheticArgs, make_synthetic
+from .transforms import RandomCropFlip
+from .views import VIEWS, apply_view, view_shape
 
 __all__ = [
     "DATASETS",
+    "VIEWS",
+    "AugmentedImageArgs",
+    "DataFile",
+    "DatasetSpec",
     "EvalLoader",
+    "ImageArgs",
     "Loaders",
     "MIRRORS",
+    "RandomCropFlip",
     "RawData",
     "SHA256",
+    "SyntheticArgs",
     "TrainStream",
+    "apply_view",
     "create_loaders",
+    "dataset_args",
+    "dataset_spec",
+    "describe_args",
+    "ensure_extracted",
     "list_datasets",
     "load_dataset",
     "load_idx_dataset",
+    "locate_files",
     "make_synthetic",
     "preprocess",
     "read_idx",
+    "register_dataset",
     "resolve_data_root",
     "split_train_val",
+    "view_shape",
 ]

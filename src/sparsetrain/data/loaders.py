@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from ..errors import SparsetrainError
-from .base import DATASETS, RawData
+from .base import RawData, dataset_spec
+from .transforms import BatchTransform, ThenView, train_transform
+from .views import apply_view
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -34,6 +36,8 @@ class TrainStream:
     ``iter_from(s)`` continues an interrupted run exactly.
 
     The data is moved to ``device`` once, at construction, so batches are produced there.
+    ``transform`` (optional, see :mod:`sparsetrain.data.transforms`) changes each batch as a pure
+    function of (batch, ``seed``, step), so resuming stays exact; ``x`` holds the examples before it.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class TrainStream:
         batch_size: int,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        transform: BatchTransform | None = None,
     ):
         _check_pair(x, y)
         if batch_size < 1 or batch_size > len(x):
@@ -53,6 +58,7 @@ class TrainStream:
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size = batch_size
         self.seed = seed
+        self.transform = transform
         self.steps_per_epoch = len(x) // batch_size
         self._perm_epoch: int | None = None
         self._perm: torch.Tensor | None = None
@@ -75,7 +81,9 @@ class TrainStream:
             raise SparsetrainError(f"step must be >= 0, got {step}")
         epoch, i = divmod(step, self.steps_per_epoch)
         idx = self.epoch_permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
-        return self.x[idx], self.y[idx]
+        if self.transform is None:
+            return self.x[idx], self.y[idx]
+        return self.transform(self.x[idx], self.seed, step), self.y[idx]
 
     def iter_from(self, step: int = 0) -> Iterator[Batch]:
         """Batches of steps ``step``, ``step + 1``, ... forever."""
@@ -119,7 +127,11 @@ class EvalLoader:
 class Loaders:
     """Everything training needs from a data set. ``val`` is None when ``val_fraction`` was 0.
 
-    ``mean`` / ``std`` are the scalar statistics the inputs were standardised with.
+    ``input_shape``: one example's shape as the model sees it, after the view ((C, H, W) for
+    ``view="image"``; (T, F) for the sequence views). ``mean`` / ``std``: the statistics the
+    inputs were standardised with, per channel: a float for one-channel data (MNIST), a tuple of
+    C floats otherwise. ``args``: the data set's args dataclass instance the loaders were built
+    with (None when built by hand).
     """
 
     train: TrainStream
@@ -128,8 +140,9 @@ class Loaders:
     input_shape: tuple[int, ...]
     num_classes: int
     name: str
-    mean: float = 0.0
-    std: float = 1.0
+    mean: float | tuple[float, ...] = 0.0
+    std: float | tuple[float, ...] = 1.0
+    args: Any = None
 
 
 def create_loaders(
@@ -142,39 +155,78 @@ def create_loaders(
     split_seed: int = 0,
     shuffle_seed: int = 0,
     device: str | torch.device = "cpu",
+    data_args: dict[str, Any] | None = None,
 ) -> Loaders:
     """Load data set ``name`` and build its train stream and validation/test loaders.
 
-    Inputs become float32 (uint8 pixels divided by 255), standardised by the scalar mean and std
-    of the full training set (as in the SNIP paper). ``val_fraction`` of the training set is held
-    out for validation, chosen by ``split_seed``; ``shuffle_seed`` drives the training order.
+    Inputs become float32 (uint8 pixels divided by 255), standardised per channel by the mean and
+    std of the full training set (as in the SNIP paper for MNIST, and CIFAR recipes).
+    ``val_fraction`` of the training set is held out for validation, chosen by ``split_seed``;
+    ``shuffle_seed`` drives the training order and the train-time transforms. ``data_args``: the
+    data set's arguments (see :func:`~sparsetrain.data.dataset_args`), e.g. ``{"view": "rows"}``;
+    unknown keys, wrong types and transforms the data set does not take raise SparsetrainError.
+
+        >>> loaders = create_loaders("synthetic", batch_size=10, data_args={"view": "pixels", "n_train": 50})
+        >>> loaders.input_shape, tuple(loaders.train.batch(0)[0].shape)
+        ((784, 1), (10, 784, 1))
     """
     _check_args(batch_size, eval_batch_size, val_fraction)
-    raw = DATASETS.create(name, data_dir, download)
+    spec = dataset_spec(name)
+    args = spec.make_args(data_args)
+    raw = spec.load(data_dir, download, args)
+    view = getattr(args, "view", "image")
     train_x, test_x, mean, std = preprocess(raw)
     (tr_x, tr_y), val = split_train_val(train_x, raw.train_y, val_fraction, split_seed)
+    augment = train_transform(args, *_per_channel(mean, std))
+    if augment is None:
+        train = TrainStream(apply_view(view, tr_x), tr_y, batch_size, seed=shuffle_seed, device=device)
+    else:  # the stream keeps images; each batch is transformed, then viewed
+        transform = augment if view == "image" else ThenView(augment, view)
+        apply_view(view, tr_x[:1])  # refuse a bad view now, not at the first batch
+        train = TrainStream(tr_x, tr_y, batch_size, seed=shuffle_seed, device=device, transform=transform)
     return Loaders(
-        train=TrainStream(tr_x, tr_y, batch_size, seed=shuffle_seed, device=device),
-        val=None if val is None else EvalLoader(*val, eval_batch_size, device=device),
-        test=EvalLoader(test_x, raw.test_y, eval_batch_size, device=device),
-        input_shape=raw.input_shape,
+        train=train,
+        val=None if val is None else EvalLoader(apply_view(view, val[0]), val[1], eval_batch_size, device=device),
+        test=EvalLoader(apply_view(view, test_x), raw.test_y, eval_batch_size, device=device),
+        input_shape=tuple(apply_view(view, train_x[:1]).shape[1:]),
         num_classes=raw.num_classes,
         name=name,
         mean=mean,
         std=std,
+        args=args,
     )
 
 
-def preprocess(raw: RawData) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def preprocess(raw: RawData) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
     """(train_x, test_x, mean, std): float32 inputs in [0, 1] for uint8 data, then standardised
-    by the scalar mean and (population) std of all training inputs."""
+    per channel by the mean and (population) std of all training inputs of that channel.
+
+    ``mean`` / ``std`` are floats for one-channel data (the scalar statistics of all training
+    inputs, exactly as before channels were separated) and tuples of C floats for C channels.
+    Channels are dimension 1 of (N, C, ...) data; data of shape (N, F) counts as one channel.
+    """
     train_x, test_x = _to_float(raw.train_x), _to_float(raw.test_x)
-    std, mean = (float(v) for v in torch.std_mean(train_x, correction=0))
-    std = std if std > 0 else 1.0  # constant data: nothing to scale, avoid dividing by zero
-    # In place: the float copies are ours, and MNIST's are 188 MB.
-    for x in (train_x, test_x):
-        x.sub_(mean).div_(std)
-    return train_x, test_x, mean, std
+    channels = train_x.shape[1] if train_x.dim() >= 3 else 1
+    means, stds = [], []
+    for c in range(channels):
+        # x[:, c:c+1] of one-channel data is x itself (same shape, strides and storage), so the
+        # numbers are bit for bit the scalar statistics of the whole tensor.
+        part = (lambda x: x[:, c : c + 1]) if train_x.dim() >= 3 else (lambda x: x)
+        std, mean = (float(v) for v in torch.std_mean(part(train_x), correction=0))
+        std = std if std > 0 else 1.0  # constant data: nothing to scale, avoid dividing by zero
+        # In place: the float copies are ours, and MNIST's are 188 MB.
+        for x in (train_x, test_x):
+            part(x).sub_(mean).div_(std)
+        means.append(mean)
+        stds.append(std)
+    if channels == 1:
+        return train_x, test_x, means[0], stds[0]
+    return train_x, test_x, tuple(means), tuple(stds)
+
+
+def _per_channel(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (float(v),)  # noqa: E731
+    return as_tuple(mean), as_tuple(std)
 
 
 def split_train_val(

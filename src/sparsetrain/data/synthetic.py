@@ -7,12 +7,14 @@ model learns it quickly (tests can check that training helps) without any downlo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import SparsetrainError
-from .base import DATASETS, RawData
+from .args import ImageArgs
+from .base import RawData, register_dataset
 
 # Noise relative to the prototypes' unit scale: large per pixel, but summed over many pixels the
 # class signal dominates, so the task is learnable but not solved by looking at one pixel.
@@ -50,7 +52,24 @@ def _sample(prototypes: torch.Tensor, n: int, gen: torch.Generator) -> tuple[tor
     return prototypes[labels] + noise, labels.to(torch.int64)
 
 
-@DATASETS.register("synthetic")
-def synthetic(data_dir: str | Path | None = None, download: bool = True) -> RawData:
-    """600 train / 200 test float examples of shape (1, 28, 28), 10 classes; ignores its arguments."""
-    return make_synthetic(600, 200)
+@dataclass(frozen=True)
+class SyntheticArgs(ImageArgs):
+    """The arguments of the ``"synthetic"`` data set; the defaults give 600 / 200 examples of (1, 28, 28)."""
+
+    n_train: int = field(default=600, metadata={"help": "number of training examples (before the validation split)"})
+    n_test: int = field(default=200, metadata={"help": "number of test examples"})
+    shape: tuple[int, ...] = field(default=(1, 28, 28), metadata={"help": "shape of one example, (C, H, W)"})
+    num_classes: int = field(default=10, metadata={"help": "number of classes (>= 2)"})
+    seed: int = field(default=0, metadata={"help": "seed of the class prototypes and the noise"})
+
+
+@register_dataset("synthetic", args=SyntheticArgs)
+def synthetic(
+    data_dir: str | Path | None = None, download: bool = True, args: SyntheticArgs | None = None
+) -> RawData:
+    """Class prototypes plus noise, made in memory (default: 600 train / 200 test (1, 28, 28), 10 classes).
+
+    Needs no files: ``data_dir`` and ``download`` are ignored.
+    """
+    args = args if args is not None else SyntheticArgs()
+    return make_synthetic(args.n_train, args.n_test, args.shape, args.num_classes, args.seed)

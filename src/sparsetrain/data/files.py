@@ -1,0 +1,410 @@
+"""Data files on disk: where they are looked for, downloading, checksums, the cache, archives.
+
+One copy for every data set. A data set's files live in ``<root>/<name>/`` with ``<root>`` from
+:func:`resolve_data_root`; each is described by a :class:`DataFile` (its name as downloaded and
+the sha256 it must have). :func:`locate_files` finds them there or downloads the missing ones
+from ``MIRRORS[name]``; :func:`ensure_extracted` does the same for one archive (a ``.tar.gz``, as
+CIFAR is distributed) and unpacks it into the folder once.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> folder = Path(tempfile.mkdtemp()) / "tiny"
+    >>> folder.mkdir()
+    >>> _ = (folder / "labels.txt").write_text("0 1 1 0")
+    >>> wanted = DataFile("labels.txt", sha256=None)  # no known checksum: nothing to verify
+    >>> [p.name for p in locate_files("tiny", [wanted], folder.parent, download=False)]
+    ['labels.txt']
+
+Checksums. A file whose format is gzip (``DataFile(..., gzip=True)``, as the IDX files are) is
+checked by the sha256 of its *decompressed* content, so recompressed copies are accepted, and an
+uncompressed copy (the name without ``.gz``) is accepted too. Any other file, an archive
+included, is checked by the sha256 of its bytes. Successful checks are remembered for the process
+and in a ``.verified.json`` beside the files, keyed by size and mtime, so a changed file is checked
+again. Downloads go to a temporary name and are renamed into place only once their checksum
+matched: an interrupted download never leaves half a file under the real name.
+
+Tests (and users behind a proxy) replace the entries of :data:`MIRRORS`, for example with
+``file://`` folders.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SparsetrainError
+
+#: Base URLs tried in order, by data set name; a file's URL is ``<mirror>/<DataFile.name>``.
+#: Each format module adds its data sets' entries, so that one dict says where everything comes
+#: from (and one monkeypatch keeps a test suite offline).
+MIRRORS: dict[str, list[str]] = {}
+
+#: Known sha256 by ``"<data set>/<file>"`` (gzip files: of the decompressed content, keyed by the
+#: name without ``.gz``). Format modules add their entries; they read it when loading, so a test
+#: may replace an entry.
+SHA256: dict[str, str] = {}
+
+DATA_ENV = "SPARSETRAIN_DATA"
+DOWNLOAD_TIMEOUT_S = 60.0
+VERIFIED_FILE = ".verified.json"
+
+FIX_BAD_FILE = "Delete it so that it is downloaded again, or replace it with a good copy."
+
+# (resolved path, size, mtime_ns, expected sha256) of files already checked in this process:
+# the shared copy may be read-only, so the JSON cache cannot always help.
+_VERIFIED_IN_PROCESS: set[tuple[str, int, int, str]] = set()
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One file of a data set: its ``name`` as downloaded and the ``sha256`` it must have.
+
+    ``gzip=True``: the file is gzip-compressed (``name`` ends in ``.gz``); ``sha256`` is that of
+    the decompressed content, and an uncompressed copy named without ``.gz`` is accepted too.
+    ``sha256=None``: nothing to check.
+    """
+
+    name: str
+    sha256: str | None
+    gzip: bool = False
+
+    def __post_init__(self):
+        if self.gzip and not self.name.endswith(".gz"):
+            raise ValueError(f"DataFile({self.name!r}, gzip=True): the name must end in .gz")
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The names it may have on disk, in order of preference."""
+        return (self.name, self.name[: -len(".gz")]) if self.gzip else (self.name,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating
+
+
+def resolve_data_root(data_dir: str | Path | None = None) -> Path:
+    """The data root: ``data_dir`` if given, else ``$SPARSETRAIN_DATA``, else ``~/.cache/sparsetrain``.
+
+    Data set ``name`` lives in ``<root>/<name>/``.
+    """
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser()
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "sparsetrain"
+
+
+def find_file(folder: Path, file: DataFile) -> Path | None:
+    """The first of ``file.candidates`` that exists in ``folder``, else None."""
+    for candidate in file.candidates:
+        if (folder / candidate).is_file():
+            return folder / candidate
+    return None
+
+
+def read_content(path: Path) -> bytes:
+    """The file's content; ``.gz`` files are decompressed. Errors name the file and the fix."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SparsetrainError(f"cannot read {path}: {e}") from e
+    if path.suffix != ".gz":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; truncation is EOFError
+        raise bad_file(path, f"bad gzip data ({e})") from e
+
+
+def bad_file(path: str | Path, problem: str) -> SparsetrainError:
+    """The error for a damaged file: names it, the problem, and what to do."""
+    return SparsetrainError(f"{path}: {problem}. {FIX_BAD_FILE}")
+
+
+def locate_files(
+    name: str, files: list[DataFile], data_dir: str | Path | None = None, download: bool = True
+) -> list[Path]:
+    """Paths of ``files`` (same order) in ``<root>/<name>/``, downloading missing ones if allowed.
+
+    Downloads stop at the first file no mirror can serve: the data set is unusable without it.
+    Files found on disk are *not* checked here (their checksum needs their content, which the
+    caller reads anyway): call :func:`verify` with it. Downloaded files are checked before they
+    are moved into place.
+    """
+    root = resolve_data_root(data_dir)
+    folder = root / name
+    found = {f.name: find_file(folder, f) for f in files}
+    missing = [f for f in files if found[f.name] is None]
+    if missing and not download:
+        raise not_found(name, root, folder, files, missing, "Downloading is off (download=False).")
+    if missing:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            reason = f"Cannot create {folder} to download into: {e}."
+            raise not_found(name, root, folder, files, missing, reason) from e
+    for file in missing:
+        path, errors = download_file(name, file, folder)
+        if path is None:
+            tried = "".join(f"\n  {e}" for e in errors) or f" no mirrors are configured for {name!r}."
+            raise not_found(name, root, folder, files, missing, f"Downloading {file.name} failed:{tried}")
+        found[file.name] = path
+    return [found[f.name] for f in files]
+
+
+def not_found(
+    name: str, root: Path, folder: Path, files: list[DataFile], missing: list[DataFile], reason: str
+) -> SparsetrainError:
+    """The error for missing files: the folder, the files expected and missing, why, and the fix."""
+    expected = ", ".join(f.name for f in files)
+    how_many = "the file" if len(files) == 1 else f"the {_count(len(files))} files"
+    lines = [f"{name} data not found in {folder} (data root {root}).", f"Expected {how_many} {expected}"]
+    if any(f.gzip for f in files):
+        lines[-1] += " (each may also be uncompressed, without .gz)"
+    lines[-1] += "."
+    lines.append(f"Missing: {', '.join(f.candidates[-1] for f in missing)}.")
+    lines.append(reason)
+    if any(find_file(root, f) is not None for f in files):
+        lines.append(f"Note: {root} itself holds {name} files; the data root must be its parent folder.")
+    lines.append(
+        f"Fix: put the files in {folder}, or point to a data root that has a {name}/ folder with them: "
+        f"--data-dir DIR or {DATA_ENV}=DIR."
+    )
+    return SparsetrainError("\n".join(lines))
+
+
+def _count(n: int) -> str:
+    return ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][n] if n < 10 else str(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums and the cache
+
+
+def verify(path: Path, expected: str | None, content: bytes | None = None) -> None:
+    """Refuse ``path`` unless its sha256 is ``expected`` (None: nothing to check).
+
+    ``content``: the bytes to hash, when the caller has them (the decompressed content of a gzip
+    file); by default the file's bytes, hashed in chunks. Remembered files are not hashed again.
+    """
+    if expected is None or _is_verified(path, expected):
+        return
+    found = hashlib.sha256(content).hexdigest() if content is not None else _hash_file(path)
+    if found != expected:
+        what = "its decompressed content" if path.suffix == ".gz" and content is not None else "the file"
+        raise SparsetrainError(
+            f"{path} is corrupt: sha256 of {what} is {found}, expected {expected}. {FIX_BAD_FILE}"
+        )
+    _mark_verified(path, expected)
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise SparsetrainError(f"cannot read {path}: {e}") from e
+    return digest.hexdigest()
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _is_verified(path: Path, expected: str) -> bool:
+    resolved, size, mtime_ns = _stat_key(path)
+    if (resolved, size, mtime_ns, expected) in _VERIFIED_IN_PROCESS:
+        return True
+    entry = _read_json(path.parent / VERIFIED_FILE).get(path.name)
+    return entry == {"size": size, "mtime_ns": mtime_ns, "sha256": expected}
+
+
+def _mark_verified(path: Path, expected: str) -> None:
+    resolved, size, mtime_ns = _stat_key(path)
+    _VERIFIED_IN_PROCESS.add((resolved, size, mtime_ns, expected))
+    _update_json(path.parent / VERIFIED_FILE, path.name, {"size": size, "mtime_ns": mtime_ns, "sha256": expected})
+
+
+def _update_json(dest: Path, key: str, value: object) -> None:
+    """Set ``key`` in the JSON cache ``dest``; best effort (it is only a cache)."""
+    if not _writable(dest.parent):  # a read-only shared copy is simply hashed once per process
+        return
+    entries = _read_json(dest)
+    entries[key] = value
+    try:
+        _write_json_atomically(dest, entries)
+    except OSError:
+        pass
+
+
+def _write_json_atomically(dest: Path, obj: object) -> None:
+    # Temp file + os.replace: a concurrent reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of the folder
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _writable(folder: Path) -> bool:
+    # os.access alone says yes to root; a folder without write bits is meant to stay untouched.
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or damaged: it is only a cache
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading
+
+
+def download_file(name: str, file: DataFile, folder: Path) -> tuple[Path | None, list[str]]:
+    """Fetch ``file`` into ``folder`` from the first of ``MIRRORS[name]`` that serves a good copy.
+
+    Returns the path (None if every mirror failed) and one ``"url: error"`` line per failure.
+    """
+    errors = []
+    for mirror in MIRRORS.get(name, []):
+        url = f"{mirror.rstrip('/')}/{file.name}"
+        try:
+            return _fetch(url, folder / file.name, file), errors
+        except (OSError, ValueError, EOFError, zlib.error) as e:  # URLError, HTTPError are OSErrors
+            errors.append(f"{url}: {e}")
+    return None, errors
+
+
+def _fetch(url: str, dest: Path, file: DataFile) -> Path:
+    """Download ``url`` to a temp file beside ``dest``, check it, then move it into place."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            shutil.copyfileobj(resp, out)
+        if file.gzip:  # also proves the download is whole gzip data
+            found = hashlib.sha256(gzip.decompress(Path(tmp).read_bytes())).hexdigest()
+        else:
+            found = _hash_file(Path(tmp))
+        if file.sha256 is not None and found != file.sha256:
+            raise ValueError(f"downloaded file is corrupt: sha256 {found}, expected {file.sha256}")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a data cache is meant to be shared
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if file.sha256 is not None:
+        _mark_verified(dest, file.sha256)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Archives
+
+
+def ensure_extracted(
+    name: str,
+    archive: DataFile,
+    contents: list[str],
+    data_dir: str | Path | None = None,
+    download: bool = True,
+) -> Path:
+    """The folder ``<root>/<name>/`` holding ``contents`` (paths relative to it), extracted once
+    from the tar ``archive`` (any compression tarfile reads) when any of them is missing.
+
+    The archive is located or downloaded like any file and checked against ``archive.sha256``
+    before anything is unpacked. Extraction goes to a temporary folder beside the data and is moved
+    into place member by member, so a failure leaves nothing half-written under the real names;
+    members that would land outside the folder (absolute paths, ``..``, links pointing out, device
+    files) are refused. Once ``contents`` exist the archive is no longer needed (it is kept).
+    """
+    root = resolve_data_root(data_dir)
+    folder = root / name
+    if contents and all((folder / c).exists() for c in contents):
+        return folder
+    (path,) = locate_files(name, [archive], data_dir, download)
+    verify(path, archive.sha256)
+    _extract(path, folder)
+    absent = [c for c in contents if not (folder / c).exists()]
+    if absent:
+        raise SparsetrainError(
+            f"{path} was extracted into {folder} but lacks {', '.join(absent)}: it is not the expected "
+            f"archive. {FIX_BAD_FILE}"
+        )
+    return folder
+
+
+def _extract(archive: Path, folder: Path) -> None:
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".extract-"))
+    except OSError as e:
+        raise SparsetrainError(f"cannot extract {archive}: cannot write into {folder} ({e})") from e
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                for member in members:
+                    _check_member(member, archive)
+                tar.extractall(tmp, members=members, **_TAR_FILTER)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # SparsetrainError passes
+            raise bad_file(archive, f"cannot extract ({e})") from e
+        for entry in sorted(tmp.iterdir()):
+            target = folder / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)  # a partial copy of ours: the archive's is whole and checked
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Python >= 3.11.4 has tarfile's own "data" filter (refuses the same things and strips odd modes);
+# _check_member refuses them on any version, so that the error names the archive and the member.
+_TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    def refuse(why: str) -> SparsetrainError:
+        return bad_file(archive, f"member {member.name!r} {why}; refusing to extract the archive")
+
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        raise refuse("is a device or other special file")
+    if not _inside(member.name):
+        raise refuse("would be written outside the data folder")
+    if member.issym() and not _inside(str(Path(member.name).parent / member.linkname)):
+        raise refuse(f"is a link pointing outside the data folder ({member.linkname})")
+    if member.islnk() and not _inside(member.linkname):
+        raise refuse(f"is a hard link to a file outside the data folder ({member.linkname})")
+
+
+def _inside(relative: str) -> bool:
+    """Whether ``relative`` stays inside the folder it is relative to (purely lexical)."""
+    if relative.startswith(("/", "\\")) or os.path.isabs(relative):
+        return False
+    depth = 0
+    for part in Path(relative).parts:
+        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+        if depth < 0:
+            return False
+    return True
