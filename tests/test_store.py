@@ -17,7 +17,7 @@ from torch import nn
 
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.state_io import load_state, load_tensors, read_metadata, save_state, save_tensors
-from sparsetrain.store import RunRecord, RunStore, current_versions, format_runs_table
+from sparsetrain.store import SCHEMA_VERSION, RunRecord, RunStore, current_versions, format_runs_table
 
 # ============================================================================= state_io
 
@@ -254,11 +254,11 @@ def test_store_creates_database_in_wal_mode(tmp_path):
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     finally:
         conn.close()
-    assert {"runs", "metrics"} <= tables
+    assert {"groups", "runs", "metrics"} <= tables
     RunStore(tmp_path / "a" / "b")  # reopening is fine
 
 
