@@ -188,7 +188,7 @@ def test_bad_groups_are_refused_before_writing(store, group, match):
     assert store.list() == [] and store.groups() == []
 
 
-def test_concurrent_style_reuse_of_one_group_creates_it_once(store):
+def test_a_group_named_again_is_created_once(store):
     for i in range(5):
         _begin(store, f"k{i}", group=("study", "s"))
     (summary,) = store.groups()
