@@ -14,16 +14,15 @@ batch sizes and :func:`plot_sweep` draws it. ``sparsetrain bench`` is the comman
     [1, 8]
     >>> print(result.to_markdown())                    # doctest: +SKIP
 
-How the times are taken. Per layer: the medians ``to_sparse`` measured while choosing (every
-candidate timed on a random input of the layer's recorded input shape, interleaved; see
-:mod:`sparsetrain.sparse.convert`); a layer that stayed dense has its dense time on both sides.
-End to end: the dense masked model and the converted one called in turns on the same random batch
-under ``torch.no_grad()``, one call of each per round, the order alternating; the times are
-medians over rounds and the speed-up is the median over rounds of (dense / sparse) in the same
-round, so a slow phase of a busy machine hits both; a sample is several back-to-back calls when
-one call is shorter than a millisecond. ``repeats`` bounds the rounds, ``budget_s`` the seconds
+How the times are taken (all with :func:`sparsetrain.measure.time_interleaved`). Per layer: the
+dense masked layer against the layer ``to_sparse`` put in its place, called in turns on a random
+input of the layer's recorded input shape and layout (a layer that stayed dense has its dense time
+on both sides). End to end: the dense masked model and the converted one called in turns on the
+same random batch under ``torch.no_grad()``; the times are medians over rounds and the speed-up
+is ``ratio("dense", "sparse")``, the median over rounds of (dense / sparse) in the same round, so
+a slow phase of a busy machine hits both. ``repeats`` bounds the rounds, ``budget_s`` the seconds
 spent per measurement (at least ``MIN_ROUNDS`` rounds), so large batches of big models take fewer
-rounds.
+rounds. :func:`bench_training_step` times a training step of sparse against dense masked layers.
 
 The FLOP-count limit of a layer is 1 / (1 - s) with s the fraction of its weight entries that are
 zero (``inf`` for an all-zero weight); end to end, s is the mask's overall sparsity (pruned /
@@ -35,15 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
-import gc
-import json
 import math
-import os
-import platform
 import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -52,8 +44,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import SparsetrainError
-from ..machine import cpu_model
-from ..masks import Mask, apply_mask_
+from ..masks import GradientMask, Mask, apply_mask_
+from ..measure import Provenance, TrainStep, time_interleaved
+from ..measure import write_report as _write_report
 from ..models import create_model
 from ..pruning import prune_at_init
 from ..pruning.select import check_sparsity
@@ -69,13 +62,14 @@ __all__ = [
     "SweepPoint",
     "SweepResult",
     "bench",
+    "bench_training_step",
+    "build_mlp",
     "environment",
     "flop_limit",
     "format_environment",
     "make_mask",
     "plot_sweep",
     "sweep",
-    "time_interleaved",
     "write_report",
 ]
 
@@ -97,9 +91,11 @@ class BenchRow:
 
     ``layout``: ``"dense"``, ``"csr:kernel"``, ``"csr:torch"``, ``"bsr"`` or ``"semi"`` for a layer;
     ``"k/n csr"`` end to end (k of the n Linear/Conv2d layers converted; ``"k/n bsr+csr"`` when
-    other layouts were chosen too). Times in seconds; ``speedup`` = dense /
-    sparse (end to end: median of the per-round ratios); ``flop_limit`` = 1 / (1 - sparsity);
-    ``candidates``: every layout's median time at conversion (layers only)."""
+    other layouts were chosen too). Times in seconds, medians of interleaved rounds; ``speedup`` =
+    ``ratio("dense", "sparse")`` (median of the per-round ratios dense / sparse, layers and end to
+    end); ``flop_limit`` = 1 / (1 - sparsity); ``candidates``: the medians ``to_sparse`` timed
+    while choosing (empty where its cost model decided); ``decided_by``: how ``to_sparse`` chose
+    (layers only)."""
 
     batch_size: int
     layer: str
@@ -115,6 +111,7 @@ class BenchRow:
     speedup: float
     flop_limit: float
     candidates: dict[str, float] = field(default_factory=dict)
+    decided_by: str = ""
 
     @property
     def of_limit(self) -> float:
@@ -157,8 +154,9 @@ class BenchResult:
             f"{self.threads} thread{'s' if self.threads != 1 else ''}",
             "",
             f"Dense masked model against `to_sparse(model, mask, batch_size=B)` (auto-choice), input "
-            f"{tuple(self.input_shape)}; CSR kernels: {self.kernel}. Per layer: the medians timed at "
-            "conversion; end to end: same-process interleaved rounds, median of per-round ratios. "
+            f"{tuple(self.input_shape)}; CSR kernels: {self.kernel}. Per layer (the dense masked layer against its replacement, "
+            "on the input shape and layout it receives) and end to end: same-process interleaved rounds, medians, "
+            "speed-up = median of per-round ratios dense/sparse. "
             "Bytes: Linear/Conv2d weights and biases as stored (`sparse_report`). "
             "FLOP limit = 1/(1 - sparsity); \"of limit\" = speed-up / FLOP limit.",
             "",
@@ -268,48 +266,6 @@ def flop_limit(sparsity: float) -> float:
 # ----------------------------------------------------------------------------- timing
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 2,
-                     budget_s: float | None = 2.0, min_rounds: int = MIN_ROUNDS,
-                     min_sample_s: float = 1e-3) -> dict[str, list[float]]:
-    """Seconds per call of each function over rounds that call every one in turn, in alternating
-    order (A B C, C B A, ...), after ``warmup`` untimed rounds; garbage collection off. A sample
-    times ``number`` back-to-back calls (the same for all functions, enough that the fastest
-    takes ``min_sample_s``: single microsecond calls are mostly timer and scheduler noise) and
-    is divided by it. The round count is ``repeats``, cut to what fits in ``budget_s`` seconds
-    (but at least ``min_rounds``). Pair the lists index by index for same-round ratios."""
-    names = list(fns)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    gc.collect()
-    gc.disable()
-    try:
-        first: dict[str, float] = {}
-        for _ in range(max(1, warmup)):
-            for n in names:
-                t = time.perf_counter()
-                fns[n]()
-                first[n] = time.perf_counter() - t  # the last warm-up call
-        number = max(1, math.ceil(min_sample_s / max(min(first.values()), 1e-9)))
-        per_round = number * sum(first.values())
-        rounds = repeats
-        if budget_s is not None:
-            rounds = max(min(min_rounds, repeats), min(repeats, int(budget_s / max(per_round, 1e-9))))
-        for r in range(rounds):
-            for n in names if r % 2 == 0 else reversed(names):
-                fn = fns[n]
-                t = time.perf_counter()
-                for _ in range(number):
-                    fn()
-                samples[n].append((time.perf_counter() - t) / number)
-    finally:
-        gc.enable()
-    return samples
-
-
-def _paired_speedup(samples: dict[str, list[float]], ref: str, name: str) -> float:
-    """Median over rounds of (time of ``ref`` / time of ``name``)."""
-    return statistics.median(a / b for a, b in zip(samples[ref], samples[name]))
-
-
 @contextlib.contextmanager
 def _threads(threads: int | None):
     if threads is None:
@@ -387,11 +343,34 @@ def _layouts(report) -> str:
 
 
 def _end_to_end(dense: nn.Module, fast: nn.Module, x: torch.Tensor, repeats: int, budget_s: float):
+    """(dense median, sparse median, speed-up = ratio("dense", "sparse")) of the two models on ``x``."""
     with torch.no_grad():
-        samples = time_interleaved({"dense": lambda: dense(x), "sparse": lambda: fast(x)},
-                                   repeats=repeats, budget_s=budget_s)
-    return (statistics.median(samples["dense"]), statistics.median(samples["sparse"]),
-            _paired_speedup(samples, "dense", "sparse"))
+        t = time_interleaved({"dense": lambda: dense(x), "sparse": lambda: fast(x)}, rounds=repeats,
+                             budget_s=budget_s, min_rounds=MIN_ROUNDS)
+    return t.median("dense"), t.median("sparse"), t.ratio("dense", "sparse")
+
+
+def _layer_times(dense_layer: nn.Module, layer: nn.Module, choice: dict | None, repeats: int,
+                 budget_s: float) -> tuple[float, float, float]:
+    """(dense, sparse) median seconds of one layer on a random input of its recorded shape and
+    layout, and ``ratio("dense", "sparse")`` (``nan`` where to_sparse recorded no input shape);
+    a layer that stayed dense has its dense time on both sides."""
+    shape = (choice or {}).get("input_shape")
+    if not shape:
+        return math.nan, math.nan, math.nan
+    w = dense_layer.weight
+    if choice.get("input_transposed"):
+        x = torch.randn(tuple(reversed(shape)), dtype=w.dtype, device=w.device).t()
+    else:
+        x = torch.randn(tuple(shape), dtype=w.dtype, device=w.device)
+    fns = {"dense": lambda: dense_layer(x)}
+    if layer is not dense_layer and not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        fns["sparse"] = lambda: layer(x)
+    with torch.no_grad():
+        t = time_interleaved(fns, rounds=repeats, budget_s=budget_s, min_rounds=MIN_ROUNDS)
+    if "sparse" not in fns:
+        return t.median("dense"), t.median("dense"), 1.0
+    return t.median("dense"), t.median("sparse"), t.ratio("dense", "sparse")
 
 
 # ----------------------------------------------------------------------------- bench
@@ -437,19 +416,19 @@ def bench(
             say(f"{name}: batch {b}: converting (timing each layer) ...")
             fast = to_sparse(base, mask, batch_size=b, input_shape=tuple(input_shape), repeats=repeats).eval()
             report = sparse_report(fast)
+            say(f"{name}: batch {b}: timing each layer ...")
             for r in report:
                 weight_entries = math.prod(r.shape)
                 s = 1.0 - r.nnz / weight_entries
-                chosen = r.choice
-                times = (getattr(fast.get_submodule(r.name), "sparse_choice", None) or {}).get("times", {})
-                d_t = r.dense_time if r.dense_time is not None else float("nan")
-                s_t = (r.sparse_time if r.layout != "dense" else r.dense_time)
-                s_t = s_t if s_t is not None else float("nan")
+                layer = fast.get_submodule(r.name) if r.name else fast
+                choice = getattr(layer, "sparse_choice", None) or {}
+                d_t, s_t, speed = _layer_times(dense.get_submodule(r.name) if r.name else dense, layer, choice,
+                                        repeats, budget_s / 4)
                 rows.append(BenchRow(
-                    batch_size=b, layer=r.name, kind=r.kind, layout=chosen, shape=tuple(r.shape), nnz=r.nnz,
+                    batch_size=b, layer=r.name, kind=r.kind, layout=r.choice, shape=tuple(r.shape), nnz=r.nnz,
                     sparsity=s, dense_bytes=r.dense_bytes, stored_bytes=r.stored_bytes, dense_time=d_t,
-                    sparse_time=s_t, speedup=d_t / s_t if s_t else float("nan"), flop_limit=flop_limit(s),
-                    candidates=dict(times),
+                    sparse_time=s_t, speedup=speed, flop_limit=flop_limit(s),
+                    candidates=dict(choice.get("times", {})), decided_by=choice.get("decided_by", ""),
                 ))
             say(f"{name}: batch {b}: timing end to end ...")
             x = torch.randn((b, *input_shape), generator=g)
@@ -560,41 +539,86 @@ def plot_sweep(result: SweepResult, path: str | Path, *, log_x: bool = True, tit
 
 
 def environment(argv: Sequence[str] | None = None) -> dict:
-    """Where a measurement ran: command, CPU model, torch threads, versions, date, load average."""
-    cpu = cpu_model()
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {
-        "command": " ".join(argv) if argv is not None else " ".join(sys.argv),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "load_average": load,
-    }
+    """Where a measurement ran (:class:`sparsetrain.measure.Provenance` as a dict): command,
+    machine, CPU, cores, torch threads, versions, date, load average. Take it before measuring."""
+    return Provenance.now(argv).to_dict()
 
 
 def format_environment(env: dict) -> str:
+    """An :func:`environment` dict as the Markdown list at the top of a ``sparsetrain bench`` report."""
     load = " ".join(str(x) for x in env["load_average"]) if env.get("load_average") else "unknown"
     return "\n".join([
         f"- command: `{env['command']}`",
-        f"- machine: {env['cpu']}, {env['cores']} cores, {env['threads']} torch threads",
-        f"- torch {env['torch']}, Python {env['python']}; date {env['date']}",
-        f"- load average (1, 5, 15 min) at start: {load}",
+        f"- machine: {env['machine']}; {env['threads']} torch threads",
+        f"- date {env['date']}; load average (1, 5, 15 min) at start: {load}",
         "- all ratios are medians of same-process, interleaved measurements (dense and sparse alternate "
         "round by round)",
     ])
 
 
 def write_report(path: str | Path, text: str, data: dict) -> tuple[Path, Path]:
-    """Write ``text`` to ``path`` (Markdown) and ``data`` as JSON beside it (same name, ``.json``)."""
-    md = Path(path)
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(text)
-    js = md.with_suffix(".json")
-    js.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    return md, js
+    """:func:`sparsetrain.measure.write_report` for text that already carries its environment
+    (:func:`format_environment`), as ``sparsetrain bench`` writes it: no provenance footer."""
+    return _write_report(path, text, data, provenance=None)
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+def build_mlp(widths: Sequence[int], num_classes: int) -> nn.Sequential:
+    """Linear + ReLU through ``widths``, then a Linear to ``num_classes``."""
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], num_classes))
+    return nn.Sequential(*layers)
+
+
+def bench_training_step(*, inputs: int = 4096, hidden: Sequence[int] = (4096, 4096), classes: int = 10,
+                        batch_size: int = 64, sparsity: float = 0.95, repeats: int = 15, warmup: int = 2,
+                        seed: int = 0) -> dict:
+    """A training step (:class:`~sparsetrain.measure.TrainStep`) of an MLP with every Linear
+    weight pruned to ``sparsity`` (random, layerwise) in three ways, timed interleaved: the
+    unpruned network ("dense step"), the masked one with ``GradientMask`` ("dense masked step",
+    as ``sparsetrain run`` trains by default) and ``sparsify_for_training_`` ("sparse step",
+    ``--execution sparse``). Speed-ups are ``ratio(reference, op)``.
+
+    >>> r = bench_training_step(inputs=32, hidden=[32], batch_size=4, sparsity=0.9, repeats=2, warmup=1)
+    >>> sorted(r["ms"])
+    ['dense masked step', 'dense step', 'sparse step']
+    """
+    from .training import sparsify_for_training_
+
+    torch.manual_seed(seed)
+    widths = [inputs, *hidden]
+    base = build_mlp(widths, classes)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch_size, inputs, generator=g)
+    y = torch.randint(0, classes, (batch_size,), generator=g)
+    mask = prune_at_init(base, "random", sparsity=sparsity, scope="layerwise", seed=seed)
+
+    dense = TrainStep(copy.deepcopy(base))
+    masked_model = apply_mask_(copy.deepcopy(base), mask)
+    masked = TrainStep(masked_model, hooks=[GradientMask(masked_model, mask)])
+    sparse_model = sparsify_for_training_(apply_mask_(copy.deepcopy(base), mask), mask)
+    rest = {n: m for n, m in mask.items() if n in dict(sparse_model.named_parameters())}
+    sparse = TrainStep(sparse_model, hooks=[GradientMask(sparse_model, rest)] if rest else [])
+    with torch.no_grad():  # the two pruned models compute the same function (a check, not a timing)
+        diff = (masked_model(x) - sparse_model(x)).abs().max().item()
+
+    def op(step: TrainStep):
+        return step.reset, lambda _: step.step(x, y)
+
+    t = time_interleaved({"dense step": op(dense), "dense masked step": op(masked), "sparse step": op(sparse)},
+                         rounds=repeats, warmup=warmup)
+    return {
+        "widths": widths,
+        "kept": sum(int(m.sum()) for m in mask.values()),
+        "total": sum(m.numel() for m in mask.values()),
+        "max_output_difference": diff,
+        "ms": {k: 1e3 * v for k, v in t.medians().items()},
+        "speedup": t.ratio("dense masked step", "sparse step"),
+        "speedup_vs_dense": t.ratio("dense step", "sparse step"),
+        "masked_vs_dense": t.ratio("dense masked step", "dense step"),
+        "state_mib": {"dense masked step": masked.state_bytes() / 2**20, "sparse step": sparse.state_bytes() / 2**20},
+    }

@@ -16,29 +16,47 @@ skips the zeros, where that is faster.
     >>> rows = sparse_report(fast)           # per layer: layout chosen, nnz, bytes, measured times
     >>> print(format_sparse_report(rows))    # doctest: +SKIP
 
-How the layout is chosen. ``to_sparse`` runs one dummy batch of ``(batch_size, *input_shape)``
-through the model with forward hooks to record each layer's real input shape, then times every
-candidate on a random input of that shape, interleaved, and keeps the one with the smallest median
-time; dense wins ties. Layers are decided in model order, and the input's layout counts too: a
-:class:`SparseLinear` returns a transposed view (strides (1, B)), which the next Linear receives
-(through ReLU etc.) and a sparse layer reads without a copy, so after each SparseLinear the later
-layers' inputs are recorded again and they are timed on that layout (LeNet-300-100 at 98%, batch
-64: its 100x300 layer, timed on a contiguous input, had stayed dense; 38 us dense vs 25 us sparse
-on the transposed input it really gets). The candidates (:data:`LAYOUTS`) are ``"dense"`` (the
-original layer, mask baked); ``"csr"`` with two backends: ``"kernel"`` (sparsetrain's C++ kernel,
-see :mod:`sparsetrain.sparse.kernels`; CPU only) and ``"torch"`` (``torch.sparse_csr_tensor``, i.e.
-MKL's sparse BLAS on CPU, cuSPARSE on CUDA); ``"bsr"`` (block-sparse rows,
-:class:`~sparsetrain.sparse.block.SparseBlockLinear` / ``SparseBlockConv2d``), a candidate only
-for a layer whose zeros are blocky (:func:`~sparsetrain.sparse.block.detect_block_size`); and
-``"semi"`` (2:4 semi-structured, :class:`~sparsetrain.sparse.block.SparseSemiStructuredLinear`), a
-candidate only for a 2:4-sparse float16/bfloat16 Linear on a CUDA GPU that runs it, never on CPU.
-``layouts=("csr",)`` forces the sparse layout (the backend is still timed when ``input_shape`` is
-given, else the C++ kernel is taken); forced layouts without ``input_shape`` take, per layer, the
-first one in ``layouts`` that the layer qualifies for (``layouts=("bsr", "csr")``: BSR where blocky,
-else CSR), and a layer that qualifies for none is an error; ``layouts=("dense",)`` converts
-nothing. Choices are cached in-process by (layer kind, shape, nnz, input shape and layout, threads,
-dtype, device, the layer's candidates and block size), so converting the same model again does not
-re-time. Each layer keeps its choice and times in ``.sparse_choice`` (a dict).
+How the layout is chosen (details and why: docs/sparse.md). ``to_sparse`` runs one dummy batch
+of ``(batch_size, *input_shape)`` through the model with forward hooks to record each layer's real
+input shape and layout (a :class:`SparseLinear` returns a transposed view, strides (1, B), which
+the next Linear receives and a sparse layer reads without a copy; so after each SparseLinear the
+later layers' inputs are recorded again). Then, per layer, in model order:
+
+1. a cost model (:func:`estimate_times`: dense multiply-adds against sparse nonzero work, per
+   layout, with fixed per-call overheads) is the prior: where it predicts one side at least
+   :data:`PRIOR_BAND` times faster, that side is taken untimed. Timing a layer on a busy machine
+   can be off by 10x; the cost model cannot be fooled by load. A layer more than half dense stays
+   dense (CSR would also cost memory);
+2. near break-even, the candidates are timed on a random input of the recorded shape and layout,
+   interleaved (:func:`sparsetrain.measure.time_interleaved`); a sparse layout is kept only if
+   :data:`SPARSE_MARGIN` faster than dense;
+3. the whole converted model is timed against the dense masked model, end to end, twice
+   (each candidate's minimum over the two: load only ever adds time); if it is slower, the layers
+   chosen by timing go back to dense and it is checked again, then, if still slower, the whole
+   model stays dense. So the result is never slower than dense by its own end-to-end measure.
+
+The timer is injectable (``timer=``; see :func:`to_sparse`), so that tests can use a fake one.
+The candidates (:data:`LAYOUTS`) are ``"dense"`` (the original layer, mask baked); ``"csr"`` with
+two backends: ``"kernel"`` (sparsetrain's C++ kernel, see :mod:`sparsetrain.sparse.kernels`; CPU
+only) and ``"torch"`` (``torch.sparse_csr_tensor``, i.e. MKL's sparse BLAS on CPU, cuSPARSE on
+CUDA); ``"bsr"`` (block-sparse rows, :class:`~sparsetrain.sparse.block.SparseBlockLinear` /
+``SparseBlockConv2d``), a candidate only for a layer whose zeros are blocky
+(:func:`~sparsetrain.sparse.block.detect_block_size`); and ``"semi"`` (2:4 semi-structured,
+:class:`~sparsetrain.sparse.block.SparseSemiStructuredLinear`), a candidate only for a 2:4-sparse
+float16/bfloat16 Linear on a CUDA GPU that runs it, never on CPU. Off CPU there is no cost model:
+every layer is timed. ``layouts=("csr",)`` forces the sparse layout (the backend is still timed
+when ``input_shape`` is given, else the C++ kernel is taken); forced layouts without
+``input_shape`` take, per layer, the first one in ``layouts`` that the layer qualifies for
+(``layouts=("bsr", "csr")``: BSR where blocky, else CSR), and a layer that qualifies for none is
+an error; ``layouts=("dense",)`` converts nothing. Forced layouts are not checked end to end.
+
+The choice cache. Each layer's decision is cached in-process by (layer kind, shape, conv
+geometry, nnz, input shape and layout, threads, dtype, device, the layer's candidates and block
+size), and each end-to-end verdict by the model's class, batch shape, threads and every layer's
+(name, key, choice): converting the same model again neither times nor checks again
+(:func:`clear_choice_cache` forgets both). Each layer keeps its decision in ``.sparse_choice`` (a
+dict: ``candidate``, ``decided_by`` = "cost model" / "timing" / "end-to-end check" / "forced" /
+"not called", ``estimates`` and ``times`` in seconds, ``end_to_end``).
 
 Which layers are candidates: ``nn.Linear`` and ``nn.Conv2d`` (exactly these types, not
 subclasses; zero padding given as numbers; not inside ``nn.MultiheadAttention`` or
@@ -59,8 +77,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +88,7 @@ import torch.nn.functional as F
 
 from ..errors import SparsetrainError
 from ..masks import Mask, check_mask
+from ..measure import Timings, cuda_sync, time_interleaved
 from .block import (
     BlockMatrix,
     SparseBlockConv2d,
@@ -261,14 +278,30 @@ def _layout_of(module: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------- conversion
 
-# (kind, weight shape, nnz, input shape and layout, threads, dtype, device, candidates) -> (choice, times)
-_CHOICE_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
+# (kind, weight shape, geometry, nnz, input shape and layout, threads, dtype, device, candidates, block)
+#   -> (choice, measured times, how it was decided, estimated times)
+_CHOICE_CACHE: dict[tuple, tuple[str, dict[str, float], str, dict[str, float]]] = {}
+# (model class, batch shape, threads, every layer's (name, key, choice)) -> (reverted layers, end-to-end record)
+_CHECK_CACHE: dict[tuple, tuple[frozenset, dict]] = {}
 _CACHE_SIZE = 512
+
+# A timer for to_sparse: called as timer(fns, rounds=..., budget_s=..., sync=...) with fns
+# {name: zero-argument callable}, it returns the Timings (seconds per call, round by round).
+Timer = Callable[..., Timings]
 
 
 def clear_choice_cache() -> None:
-    """Forget the remembered layout choices (the next conversion times every layer again)."""
+    """Forget the remembered layout choices and end-to-end verdicts (the next conversion decides,
+    times and checks every layer again)."""
     _CHOICE_CACHE.clear()
+    _CHECK_CACHE.clear()
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
 
 
 def to_sparse(
@@ -281,6 +314,8 @@ def to_sparse(
     repeats: int = 15,
     device: str | torch.device = "cpu",
     inplace: bool = False,
+    check: bool = True,
+    timer: Timer | None = None,
 ) -> nn.Module:
     """A copy of ``model`` (``model`` itself if ``inplace``) with ``mask`` baked in and each pruned
     Linear/Conv2d replaced by a sparse module (:class:`SparseLinear` / :class:`SparseConv2d` for
@@ -290,11 +325,14 @@ def to_sparse(
     ``mask``: ``{parameter name: bool tensor}`` as :func:`sparsetrain.prune_at_init` returns;
     ``None`` takes the zeros already in the weights. ``batch_size`` and ``input_shape`` (one
     example's shape, e.g. ``(1, 28, 28)``) define the dummy batch whose per-layer input shapes the
-    timings use; ``input_shape`` is required when ``layouts`` includes ``"dense"`` and more.
-    ``layouts``: candidates among :data:`LAYOUTS` (default all: each layer times those it
-    qualifies for, fastest kept; ``"semi"`` is dropped off CUDA). ``repeats``: timed calls per
-    candidate (median). The model is moved to ``device`` (``"cuda"``: candidates dense, torch CSR,
-    BSR and 2:4); the result is for inference.
+    decisions use; ``input_shape`` is required when ``layouts`` includes ``"dense"`` and more.
+    ``layouts``: candidates among :data:`LAYOUTS` (default all: each layer considers those it
+    qualifies for; ``"semi"`` is dropped off CUDA). ``repeats``: timed rounds per timing (median).
+    ``check``: time the converted model against the dense one end to end and fall back where it
+    is slower (see the module docstring). ``timer``: what times (default
+    :func:`sparsetrain.measure.time_interleaved`); called as ``timer(fns, rounds=, budget_s=,
+    sync=)`` and returning :class:`~sparsetrain.measure.Timings`. The model is moved to
+    ``device`` (``"cuda"``: candidates dense, torch CSR, BSR and 2:4); the result is for inference.
     """
     dev = torch.device(device)
     candidates = _check_layouts(layouts, dev)
@@ -306,6 +344,7 @@ def to_sparse(
         raise SparsetrainError(f"to_sparse needs an nn.Module, got {type(model).__name__}")
     if mask is not None:
         check_mask(mask, model)
+    timer = timer or _default_timer
     target = model if inplace else copy.deepcopy(model)
     target.to(device)
     params = dict(target.named_parameters())
@@ -319,7 +358,7 @@ def to_sparse(
     # on a GPU that runs it (a layer left with none is an error naming why).
     per_layer = {name: _layer_candidates(name, layer, candidates) for name, layer in layers.items()}
     # Forced sparse without an input shape: each layer's first candidate (for CSR the C++ kernel),
-    # untimed. Otherwise the candidates are timed on each layer's real input.
+    # untimed. Otherwise the candidates are decided on each layer's real input.
     untimed = "dense" not in candidates and input_shape is None
     needs_timing = not untimed and any(len(c) > 1 for c, _ in per_layer.values())
     shapes: dict[str, tuple[int, ...]] = {}
@@ -332,32 +371,39 @@ def to_sparse(
                 "layers on their real inputs; or pass layouts=('csr',) to convert without timing"
             )
         shapes, transposed = _record_inputs(target, layers, batch_shape, device)
+    checking = check and needs_timing and "dense" in candidates
+    dense_ref = copy.deepcopy(target) if checking else None  # the dense masked model, for the end-to-end check
 
     threads = torch.get_num_threads()
     names = list(layers)
+    converted: dict[str, nn.Module] = {}  # name -> the sparse module now in the model
+    keys: dict[str, tuple] = {}
     for i, (name, layer) in enumerate(layers.items()):
         weight = layer.weight.detach()
         cands, block = per_layer[name]
+        estimates: dict[str, float] = {}
         if untimed or len(cands) == 1:
-            choice, times = cands[0], {}
+            choice, times, how = cands[0], {}, "forced"
         elif name not in shapes:  # never called by forward: nothing to time it on
-            choice, times = ("dense" if "dense" in cands else cands[0]), {}
+            choice, times, how = ("dense" if "dense" in cands else cands[0]), {}, "not called"
         else:
             key = (
                 type(layer).__name__, tuple(weight.shape), _geometry_key(layer), int((weight != 0).sum()),
                 shapes[name], name in transposed, threads, str(weight.dtype), str(weight.device), cands, block,
             )
+            keys[name] = key
             if key not in _CHOICE_CACHE:
-                if len(_CHOICE_CACHE) >= _CACHE_SIZE:
-                    _CHOICE_CACHE.pop(next(iter(_CHOICE_CACHE)))
-                _CHOICE_CACHE[key] = _choose(layer, shapes[name], cands, repeats, name in transposed, block=block)
-            choice, times = _CHOICE_CACHE[key]
+                _remember(_CHOICE_CACHE, key,
+                          _decide(layer, shapes[name], cands, repeats, name in transposed, block, timer))
+            choice, times, how, estimates = _CHOICE_CACHE[key]
         info = {
             "layout": choice.split(":")[0],
             "backend": choice.split(":")[1] if ":" in choice else None,
             "candidate": choice,
+            "decided_by": how,
             "input_shape": list(shapes[name]) if name in shapes else None,
             "input_transposed": name in transposed,
+            "estimates": dict(estimates),
             "times": dict(times),
         }
         if choice == "bsr":
@@ -367,19 +413,31 @@ def to_sparse(
         else:
             sparse = _build_candidate(layer, choice, block)
             sparse.sparse_choice = info
-            if name == "":  # the model is itself one Linear/Conv2d
-                target = sparse
-            else:
-                _set_submodule(target, name, sparse)
+            converted[name] = sparse
+            target = _replace(target, name, sparse)
             if needs_timing and isinstance(sparse, _TRANSPOSED_OUTPUT) and i + 1 < len(names):
                 # Its output is a transposed view (strides (1, B)), which the layers after it may
-                # now receive (through ReLU etc.): record their inputs again, so that each is timed
-                # on the layout a real forward gives it.
+                # now receive (through ReLU etc.): record their inputs again, so that each is
+                # decided on the layout a real forward gives it.
                 rest = {n: layers[n] for n in names[i + 1:]}
                 more_shapes, more_transposed = _record_inputs(target, rest, batch_shape, device)
                 shapes.update(more_shapes)
                 transposed = (transposed - set(rest)) | more_transposed
+    if checking and converted:
+        target = _check_end_to_end(target, dense_ref, layers, converted, keys, batch_shape, repeats, timer, dev)
     return target
+
+
+def _replace(target: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` in ``target``; the new root if ``name`` is "" (a bare layer)."""
+    if name == "":
+        return module
+    _set_submodule(target, name, module)
+    return target
+
+
+def _default_timer(fns: dict[str, Callable[[], object]], *, rounds: int, budget_s: float, sync=None) -> Timings:
+    return time_interleaved(fns, rounds=rounds, warmup=1, budget_s=budget_s, min_rounds=3, sync=sync)
 
 
 def _check_layouts(layouts: Iterable[str] | None, device: torch.device = torch.device("cpu")) -> tuple[str, ...]:
@@ -507,15 +565,113 @@ def _record_inputs(model: nn.Module, layers: dict[str, nn.Module], shape: tuple[
     return shapes, transposed
 
 
-SPARSE_MARGIN = 0.1  # a sparse layout is chosen only if at least 10% faster than dense
+SPARSE_MARGIN = 0.1  # a timed sparse layout is chosen only if at least 10% faster than dense
+MAX_SPARSE_DENSITY = 0.5  # above this fraction of nonzeros a layer stays dense (CSR would cost memory too)
+PRIOR_BAND = 3.0  # the cost model decides alone where it predicts one side this many times faster
+LAYER_BUDGET_S = 2.0  # seconds of timing per layer, at most (but at least 3 rounds)
+CHECK_BUDGET_S = 1.0  # seconds per end-to-end timing, at most (but at least 3 rounds)
+
+# The cost model's constants: seconds, one thread, float32, a 2020s x86 server core. They need not
+# be exact: only a prediction PRIOR_BAND times apart decides alone, and a wrong decision in the band
+# is caught by the timing; they were set from the measurements in docs/sparse.md.
+COSTS = {
+    "dense_call": 3e-6,      # an nn.Linear / nn.Conv2d call
+    "dense_gemv": 0.25e-9,   # per weight entry, one example (memory-bound: each weight read once)
+    "dense_gemm": 0.02e-9,   # per multiply-add, batch > 1 (blocked BLAS)
+    "sparse_call": 6e-6,     # a sparse module call (Python, checks, ctypes)
+    "torch_call": 15e-6,     # torch's CSR / BSR dispatch
+    "csr_spmv": 0.8e-9,      # per nonzero, one example (index + value + a gathered input)
+    "csr_spmm": 0.15e-9,     # per nonzero per example, batch > 1
+    "torch_csr": 1.5,        # torch's CSR relative to the C++ kernel
+    "bsr_value": 0.05e-9,    # per stored tile entry per example (dense tiles, BLAS-like)
+    "unfold": 0.5e-9,        # per element of the unfolded input of a sparse convolution
+}
+
+
+def estimate_times(layer: nn.Module, in_shape: tuple[int, ...], candidates: Iterable[str],
+                   block: tuple[int, int] | None = None) -> dict[str, float]:
+    """The cost model: predicted seconds per call of each candidate on an input of ``in_shape``,
+    from the weight's shape and nonzero count alone (:data:`COSTS`). Dense pays for every
+    multiply-add, sparse for its nonzeros (several times more per unit of work: index reads,
+    gathers) plus a larger call overhead, and a sparse convolution for unfolding its input.
+
+    >>> import torch.nn as nn
+    >>> layer = nn.Linear(4096, 4096)
+    >>> _ = layer.weight.data.mul_(torch.rand(4096, 4096) < 0.05)       # 95% sparse
+    >>> est = estimate_times(layer, (1, 4096), ("dense", "csr:kernel"))
+    >>> est["dense"] / est["csr:kernel"] > PRIOR_BAND                    # clearly sparse at batch 1
+    True
+    """
+    w = layer.weight.detach()
+    nnz = int((w != 0).sum())
+    if isinstance(layer, nn.Conv2d):
+        B = in_shape[0] if len(in_shape) == 4 else 1
+        H, W_ = in_shape[-2], in_shape[-1]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        L = max(1, (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * max(1, (W_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        N = B * L  # columns of the unfolded input
+        unfold = layer.in_channels * kh * kw * N * COSTS["unfold"]
+    else:
+        N = math.prod(in_shape[:-1]) if len(in_shape) > 1 else 1
+        unfold = 0.0
+    dense_work = w.numel() * (COSTS["dense_gemv"] if N == 1 else N * COSTS["dense_gemm"])
+    csr_work = nnz * (COSTS["csr_spmv"] if N == 1 else N * COSTS["csr_spmm"])
+    out: dict[str, float] = {}
+    for c in candidates:
+        if c == "dense":
+            out[c] = COSTS["dense_call"] + dense_work
+        elif c == "csr:kernel":
+            out[c] = COSTS["sparse_call"] + unfold + csr_work
+        elif c == "csr:torch":
+            out[c] = COSTS["torch_call"] + unfold + COSTS["torch_csr"] * csr_work
+        elif c == "bsr":
+            stored = _tile_entries(conv_matrix(layer) if isinstance(layer, nn.Conv2d) else w, block) or nnz
+            per_value = COSTS["bsr_value"] * (1 if N > 1 else COSTS["dense_gemv"] / COSTS["dense_gemm"])
+            out[c] = COSTS["torch_call"] + unfold + stored * N * per_value
+        else:  # "semi": GPU only, not modelled
+            out[c] = math.nan
+    return out
+
+
+def _tile_entries(matrix: torch.Tensor, block: tuple[int, int] | None) -> int | None:
+    """Entries stored by BSR with ``block`` tiles (nonzero tiles x R x C), or ``None``."""
+    if block is None:
+        return None
+    R, C = block
+    M, K = matrix.shape
+    if M % R or K % C:
+        return None
+    tiles = (matrix.detach().reshape(M // R, R, K // C, C) != 0).any(3).any(1)  # (M/R, K/C)
+    return int(tiles.sum()) * R * C
+
+
+def _decide(layer: nn.Module, in_shape: tuple[int, ...], candidates: tuple[str, ...], repeats: int,
+            transposed: bool, block: tuple[int, int] | None, timer: Timer):
+    """(choice, measured times, how, estimates) for one layer: the cost model where it is clear
+    (or the layer is more than half dense), else :func:`_choose`'s timing."""
+    w = layer.weight
+    estimates: dict[str, float] = {}
+    if "dense" in candidates and w.device.type == "cpu":
+        if float((w != 0).float().mean()) > MAX_SPARSE_DENSITY:
+            return "dense", {}, "cost model", estimates
+        estimates = estimate_times(layer, in_shape, candidates, block)
+        sparse = min((c for c in candidates if c != "dense"), key=lambda c: estimates[c])
+        ratio = estimates[sparse] / estimates["dense"]
+        if ratio * PRIOR_BAND <= 1.0:
+            return sparse, {}, "cost model", estimates
+        if ratio >= PRIOR_BAND:
+            return "dense", {}, "cost model", estimates
+    choice, times = _choose(layer, in_shape, candidates, repeats, transposed, block=block, timer=timer)
+    return choice, times, "timing", estimates
 
 
 def _choose(layer: nn.Module, in_shape: tuple[int, ...], candidates: tuple[str, ...], repeats: int,
-            transposed: bool = False, block: tuple[int, int] | None = None):
+            transposed: bool = False, block: tuple[int, int] | None = None, timer: Timer | None = None):
     """Time the candidates on a random input of ``in_shape``, laid out as a transposed view if
     ``transposed`` (as the layer receives it after a sparse Linear: a sparse layer reads that
-    without a copy, which changes which candidate wins); the fastest median wins (dense on ties).
-    ``block``: the BSR block size already detected for the layer (not detected again)."""
+    without a copy, which changes which candidate wins); the fastest median wins (dense on ties,
+    and unless sparse is :data:`SPARSE_MARGIN` faster). ``block``: the BSR block size already
+    detected for the layer (not detected again)."""
     w = layer.weight
     if transposed:
         x = torch.randn(tuple(reversed(in_shape)), dtype=w.dtype, device=w.device).t()
@@ -545,35 +701,88 @@ def _choose(layer: nn.Module, in_shape: tuple[int, ...], candidates: tuple[str, 
             f"none of the layouts {candidates} runs for {type(layer).__name__} {tuple(w.shape)} on {w.device} (see the "
             "warnings above); add 'dense' or 'csr' to layouts"
         )
-    times = _time_interleaved({c: (lambda m=m: m(x)) for c, m in fns.items()}, repeats, w.device)
+    with torch.no_grad():
+        timings = (timer or _default_timer)({c: (lambda m=m: m(x)) for c, m in fns.items()}, rounds=repeats,
+                                            budget_s=LAYER_BUDGET_S, sync=cuda_sync(w.device))
+    times = {c: timings.median(c) for c in fns}
     best = min(fns, key=lambda c: (times[c], c != "dense"))
     if best != "dense" and "dense" in fns:
         density = float((w != 0).float().mean())
         # Sparse must win clearly: a near-tie in a micro-benchmark can lose end to end (and CSR
         # stores 8 bytes per kept fp32 weight, so above half density it also costs memory).
-        if times[best] > (1 - SPARSE_MARGIN) * times["dense"] or density > 0.5:
+        if times[best] > (1 - SPARSE_MARGIN) * times["dense"] or density > MAX_SPARSE_DENSITY:
             best = "dense"
     return best, times
 
 
-def _time_interleaved(fns: dict[str, Callable], repeats: int, device) -> dict[str, float]:
-    """Median seconds per call, the candidates taking turns so background load hits all alike."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        for fn in fns.values():  # warm-up (first-call allocations, lazy kernel build)
-            fn()
-        sync()
-        per_round = time.perf_counter() - t0
-        rounds = max(3, min(repeats, int(2.0 / max(per_round, 1e-9))))  # at most ~2 s per layer
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                sync()
-                samples[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in samples.items()}
+def _check_end_to_end(target: nn.Module, dense_ref: nn.Module, layers: dict[str, nn.Module],
+                      converted: dict[str, nn.Module], keys: dict[str, tuple], batch_shape: tuple[int, ...],
+                      repeats: int, timer: Timer, device: torch.device) -> nn.Module:
+    """The converted ``target`` if it is not slower than ``dense_ref`` end to end; else the layers
+    decided by timing go back to dense and it is checked again; else every layer goes back.
+
+    Each check times the two models twice, interleaved, and compares each one's smaller median:
+    load only ever adds time, so a measurement spoiled by a busy phase (either side 10x slower
+    in one of the two) is outvoted by the other."""
+    sig = tuple((n, keys.get(n), getattr(converted.get(n, layers[n]), "sparse_choice", {}).get("candidate"))
+                for n in layers)
+    key = (type(dense_ref).__name__, batch_shape, torch.get_num_threads(), sig)
+    if key not in _CHECK_CACHE:
+        _remember(_CHECK_CACHE, key, _end_to_end_verdict(target, dense_ref, layers, converted, batch_shape,
+                                                         repeats, timer, device))
+    reverted, record = _CHECK_CACHE[key]
+    for name, sparse in converted.items():
+        if name in reverted:
+            layer = layers[name]
+            layer.sparse_choice = {**sparse.sparse_choice, "layout": "dense", "backend": None, "candidate": "dense",
+                                   "decided_by": "end-to-end check",
+                                   "rejected": sparse.sparse_choice["candidate"], "end_to_end": record}
+            target = _replace(target, name, layer)
+        else:
+            sparse.sparse_choice["end_to_end"] = record
+    return target
+
+
+def _end_to_end_verdict(target, dense_ref, layers, converted, batch_shape, repeats, timer, device):
+    """(names of the converted layers to put back to dense, a record of the measurements)."""
+    dtype = next((p.dtype for p in dense_ref.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.randn(batch_shape, dtype=dtype, device=device)
+    modes = {m: m.training for m in (*target.modules(), *dense_ref.modules())}
+    target.eval()
+    dense_ref.eval()
+
+    def slower(model) -> tuple[bool, float]:
+        best: dict[str, float] = {}
+        with torch.no_grad():
+            for _ in range(2):
+                t = timer({"dense": lambda: dense_ref(x), "sparse": lambda: model(x)}, rounds=repeats,
+                          budget_s=CHECK_BUDGET_S, sync=cuda_sync(device))
+                for k in ("dense", "sparse"):
+                    best[k] = min(best.get(k, math.inf), t.median(k))
+        r = best["sparse"] / best["dense"]
+        return r > 1.0, r
+
+    timed = {n for n, m in converted.items() if m.sparse_choice.get("decided_by") == "timing"}
+    stages = [frozenset()]
+    if timed and len(timed) < len(converted):
+        stages.append(frozenset(timed))
+    ratios = []
+    try:
+        for reverted in stages:
+            model = target
+            for n in reverted:  # back to dense for this check, restored below
+                model = _replace(model, n, layers[n])
+            is_slower, r = slower(model)
+            for n in reverted:
+                model = _replace(model, n, converted[n])
+            ratios.append({"reverted": sorted(reverted), "time_ratio_sparse_over_dense": r})
+            if not is_slower:
+                return reverted, {"checks": ratios, "reverted": sorted(reverted)}
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    everything = frozenset(converted)
+    return everything, {"checks": ratios, "reverted": sorted(everything)}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
