@@ -55,9 +55,10 @@ def test_synthetic_args_defaults_reproduce_todays_data():
 
 
 def test_synthetic_args_from_toml_values():
-    args = dataset_args("synthetic", {"n_train": 40, "n_test": 8, "shape": [3, 8, 8], "num_classes": 4, "seed": 2})
+    values = {"n_train": 40, "n_test": 8, "shape": [3, 8, 8], "num_classes": 4, "seed": 2}  # as TOML reads them
+    args = dataset_args("synthetic", values)
     assert args.shape == (3, 8, 8) and isinstance(args.shape, tuple)
-    raw = load_dataset("synthetic", args={"n_train": 40, "n_test": 8, "shape": [3, 8, 8], "num_classes": 4, "seed": 2})
+    raw = load_dataset("synthetic", args=values)
     expected = make_synthetic(40, 8, (3, 8, 8), 4, seed=2)
     assert torch.equal(raw.train_x, expected.train_x) and torch.equal(raw.test_x, expected.test_x)
     loaders = create_loaders("synthetic", batch_size=8, data_args={"n_train": 40, "shape": [3, 8, 8]})
@@ -72,7 +73,7 @@ def test_args_instance_and_json_round_trip():
 
 
 def test_describe_args_for_help_texts():
-    rows = {name: (type_name, default, help_text) for name, type_name, default, help_text in describe_args(SyntheticArgs)}
+    rows = {name: tuple(rest) for name, *rest in describe_args(SyntheticArgs)}  # name -> (type, default, help)
     assert rows["n_train"][:2] == ("an int", 600)
     assert rows["shape"][:2] == ("a list of ints", (1, 28, 28))
     assert "prototypes" in rows["seed"][2]

@@ -62,7 +62,7 @@ def test_multichannel_views_against_an_index_oracle():
 def test_view_errors():
     with pytest.raises(SparsetrainError, match="unknown view 'cols'; views: image, rows, pixels"):
         apply_view("cols", torch.zeros(1, 1, 2, 2))
-    with pytest.raises(SparsetrainError, match=r"view 'rows' needs image examples of shape \(C, H, W\), got \(5,\)"):
+    with pytest.raises(SparsetrainError, match=r"view 'rows' needs image examples .*, got \(5,\)"):
         create_loaders("synthetic", batch_size=10, data_args={"shape": [5], "view": "rows"})
     assert create_loaders("synthetic", batch_size=10, data_args={"shape": [5]}).input_shape == (5,)
 

@@ -16,7 +16,16 @@ See docs/data.md.
 """
 
 from .args import AugmentedImageArgs, ImageArgs, describe_args
-from .base import DATASETS, DatasetSpec, RawData, dataset_args, dataset_spec, list_datasets, load_dataset, register_dataset
+from .base import (
+    DATASETS,
+    DatasetSpec,
+    RawData,
+    dataset_args,
+    dataset_spec,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
 from .files import DataFile, ensure_extracted, locate_files
 from .idx import MIRRORS, SHA256, load_idx_dataset, read_idx, resolve_data_root
 from .loaders import EvalLoader, Loaders, TrainStream, create_loaders, preprocess, split_train_val

@@ -54,7 +54,9 @@ class AugmentedImageArgs(ImageArgs):
         metadata={"help": "random translation: pad each training image by this many black pixels per side, "
                           "then crop it back at a random offset (0: off; CIFAR recipes use 4)"},
     )
-    flip: bool = field(default=False, metadata={"help": "flip each training image left-right with probability 1/2"})
+    flip: bool = field(
+        default=False, metadata={"help": "flip each training image left-right with probability 1/2"}
+    )
 
     def __post_init__(self):
         if self.random_crop < 0:
@@ -108,7 +110,10 @@ def describe_args(cls: type) -> list[tuple[str, str, Any, str]]:
     ('view', "'image' | 'rows' | 'pixels'", 'image')
     """
     hints = typing.get_type_hints(cls)
-    return [(f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
+    return [
+        (f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""))
+        for f in dataclasses.fields(cls)
+    ]
 
 
 def _convert(value: Any, tp: Any, key: str, owner: str) -> Any:

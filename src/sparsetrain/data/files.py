@@ -14,6 +14,7 @@ CIFAR is distributed) and unpacks it into the folder once.
     >>> wanted = DataFile("labels.txt", sha256=None)  # no known checksum: nothing to verify
     >>> [p.name for p in locate_files("tiny", [wanted], folder.parent, download=False)]
     ['labels.txt']
+    >>> import shutil; shutil.rmtree(folder.parent)
 
 Checksums. A file whose format is gzip (``DataFile(..., gzip=True)``, as the IDX files are) is
 checked by the sha256 of its *decompressed* content, so recompressed copies are accepted, and an
@@ -184,7 +185,8 @@ def not_found(
 
 
 def _count(n: int) -> str:
-    return ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][n] if n < 10 else str(n)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    return words[n] if n < len(words) else str(n)
 
 
 # ---------------------------------------------------------------------------------------------

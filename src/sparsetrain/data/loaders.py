@@ -177,18 +177,22 @@ def create_loaders(
     view = getattr(args, "view", "image")
     train_x, test_x, mean, std = preprocess(raw)
     (tr_x, tr_y), val = split_train_val(train_x, raw.train_y, val_fraction, split_seed)
+    input_shape = tuple(apply_view(view, train_x[:1]).shape[1:])  # also refuses a view the data cannot take
     augment = train_transform(args, *_per_channel(mean, std))
     if augment is None:
         train = TrainStream(apply_view(view, tr_x), tr_y, batch_size, seed=shuffle_seed, device=device)
     else:  # the stream keeps images; each batch is transformed, then viewed
+        if train_x.dim() != 4:
+            raise SparsetrainError(
+                f"train-time transforms need image examples (C, H, W); {name!r} has {tuple(train_x.shape[1:])}"
+            )
         transform = augment if view == "image" else ThenView(augment, view)
-        apply_view(view, tr_x[:1])  # refuse a bad view now, not at the first batch
         train = TrainStream(tr_x, tr_y, batch_size, seed=shuffle_seed, device=device, transform=transform)
     return Loaders(
         train=train,
         val=None if val is None else EvalLoader(apply_view(view, val[0]), val[1], eval_batch_size, device=device),
         test=EvalLoader(apply_view(view, test_x), raw.test_y, eval_batch_size, device=device),
-        input_shape=tuple(apply_view(view, train_x[:1]).shape[1:]),
+        input_shape=input_shape,
         num_classes=raw.num_classes,
         name=name,
         mean=mean,
@@ -209,14 +213,11 @@ def preprocess(raw: RawData) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
     channels = train_x.shape[1] if train_x.dim() >= 3 else 1
     means, stds = [], []
     for c in range(channels):
-        # x[:, c:c+1] of one-channel data is x itself (same shape, strides and storage), so the
-        # numbers are bit for bit the scalar statistics of the whole tensor.
-        part = (lambda x: x[:, c : c + 1]) if train_x.dim() >= 3 else (lambda x: x)
-        std, mean = (float(v) for v in torch.std_mean(part(train_x), correction=0))
+        std, mean = (float(v) for v in torch.std_mean(_channel(train_x, c), correction=0))
         std = std if std > 0 else 1.0  # constant data: nothing to scale, avoid dividing by zero
         # In place: the float copies are ours, and MNIST's are 188 MB.
         for x in (train_x, test_x):
-            part(x).sub_(mean).div_(std)
+            _channel(x, c).sub_(mean).div_(std)
         means.append(mean)
         stds.append(std)
     if channels == 1:
@@ -224,9 +225,18 @@ def preprocess(raw: RawData) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
     return train_x, test_x, tuple(means), tuple(stds)
 
 
+def _channel(x: torch.Tensor, c: int) -> torch.Tensor:
+    """Channel ``c`` of (N, C, ...) data as a view (N, 1, ...); (N, F) data is one channel.
+
+    For one-channel data this is ``x`` itself (same shape, strides and storage), so the
+    statistics are bit for bit the scalar ones of the whole tensor.
+    """
+    return x[:, c : c + 1] if x.dim() >= 3 else x
+
+
 def _per_channel(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (float(v),)  # noqa: E731
-    return as_tuple(mean), as_tuple(std)
+    """``preprocess``'s statistics as tuples, one entry per channel."""
+    return tuple(mean) if isinstance(mean, tuple) else (mean,), tuple(std) if isinstance(std, tuple) else (std,)
 
 
 def split_train_val(

@@ -56,7 +56,9 @@ def _sample(prototypes: torch.Tensor, n: int, gen: torch.Generator) -> tuple[tor
 class SyntheticArgs(ImageArgs):
     """The arguments of the ``"synthetic"`` data set; the defaults give 600 / 200 examples of (1, 28, 28)."""
 
-    n_train: int = field(default=600, metadata={"help": "number of training examples (before the validation split)"})
+    n_train: int = field(
+        default=600, metadata={"help": "number of training examples (before the validation split)"}
+    )
     n_test: int = field(default=200, metadata={"help": "number of test examples"})
     shape: tuple[int, ...] = field(default=(1, 28, 28), metadata={"help": "shape of one example, (C, H, W)"})
     num_classes: int = field(default=10, metadata={"help": "number of classes (>= 2)"})
