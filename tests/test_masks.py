@@ -52,3 +52,22 @@ def test_apply_and_summaries():
     assert sum(r.kept for r in rows) == round(total * 0.1)
     table = format_sparsity_table(mask)
     assert "0.weight" in table and "all" in table and "90.00%" in table
+
+
+def test_a_mask_records_what_it_left_out_and_keeps_it_in_files(tmp_path):
+    from sparsetrain.masks import Mask
+
+    model, mask = snip_mask("conv-tiny", sparsity=0.5)  # batch-norm: left out
+    assert isinstance(mask, Mask) and isinstance(mask, dict)
+    assert mask.left_out == {"1.weight": "normalisation layer", "1.bias": "normalisation layer"}
+    mask.notes["0.weight"] = "a note"
+    table = format_sparsity_table(mask)
+    assert "left dense (not pruned):\n  1.weight: normalisation layer" in table and "  0.weight: a note" in table
+    save_mask(tmp_path / "m.safetensors", mask)
+    loaded = load_mask(tmp_path / "m.safetensors", model)
+    assert loaded.left_out == mask.left_out and loaded.notes == mask.notes and list(loaded) == list(mask)
+    plain = {n: m for n, m in mask.items()}  # a plain dict is accepted everywhere
+    assert "left dense" not in format_sparsity_table(plain)
+    save_mask(tmp_path / "p.safetensors", plain)
+    assert load_mask(tmp_path / "p.safetensors").left_out == {}
+    apply_mask_(model, plain)

@@ -134,7 +134,10 @@ def test_prunable_parameters_cover_every_architecture():
     names = set(prunable_parameters(create_model("attention-tiny"), include_biases=True))
     assert {"encoder.self_attn.in_proj_weight", "encoder.self_attn.in_proj_bias",
             "encoder.self_attn.out_proj.weight", "encoder.linear1.weight", "embed.bias"} <= names
-    assert not any("norm" in n for n in names) and "pos" not in names
+    assert not any("norm" in n for n in names)
+    # the positional table, a raw 2-D nn.Parameter of the model itself, is a weight matrix like
+    # any other: prunable by default (it was left dense while only known layer classes were)
+    assert "pos" in names
     assert "1.weight" not in prunable_parameters(create_model("conv-tiny"))  # batch-norm is never pruned
 
 
@@ -196,7 +199,7 @@ def test_all_zero_scores_are_refused():
 
 
 def test_snip_needs_data():
-    with pytest.raises(SparsetrainError, match="SNIP needs data"):
+    with pytest.raises(SparsetrainError, match="'snip' needs data"):
         prune_at_init(create_model("mlp-tiny"), "snip", sparsity=0.5)
     with pytest.raises(SparsetrainError, match="empty"):
         prune_at_init(create_model("mlp-tiny"), "snip", sparsity=0.5, batches=[])

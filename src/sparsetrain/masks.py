@@ -1,8 +1,14 @@
 """Masks: one boolean tensor per prunable parameter, keyed by the parameter's name.
 
-A mask is plain state (``dict[str, torch.Tensor]``), not code: pruning produces one, training
-keeps the masked weights at zero through an after-backward hook, and it saves to and loads from a
-safetensors file.
+A mask is plain state, not code: pruning produces one, training keeps the masked weights at zero
+through an after-backward hook, and it saves to and loads from a safetensors file. Pruning returns
+a :class:`Mask`, a ``dict`` that also says which parameters were left out of it and why
+(``left_out``) and any assumption it made (``notes``); every function here takes a plain ``dict``
+as well.
+
+A tensor shared by several modules (an output layer tied to the embedding) is one parameter with
+several names; a mask names it once, by its first name in ``model.named_parameters()`` order
+(its canonical name), and the functions here accept any of its names.
 
     >>> import torch
     >>> from sparsetrain.masks import apply_mask_, mask_summary
@@ -15,79 +21,195 @@ safetensors file.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
 from .errors import SparsetrainError
 
-Mask = dict[str, torch.Tensor]
 
-# Layers whose weights (and optionally biases) are prunable by default: the connections of the
-# network. Normalisation layers are never pruned (as snip-public).
-PRUNABLE_LAYERS = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.RNNBase,
-    nn.Embedding,
-    nn.MultiheadAttention,
-)
+class Mask(dict):
+    """``{parameter name: bool tensor}`` (True = kept), in parameter order, with two records:
+
+    ``left_out``: ``{name: reason}`` for the model's parameters the mask does not cover
+    (``"normalisation layer"``, ``"1-D (bias; include_biases=False)"``, ...);
+    ``notes``: ``{name: text}`` for assumptions made about a covered parameter (such as the
+    input axis of a layer class the library does not know)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | Iterable = (), *,
+                 left_out: Mapping[str, str] | None = None, notes: Mapping[str, str] | None = None):
+        super().__init__(tensors)
+        self.left_out: dict[str, str] = dict(left_out or {})
+        self.notes: dict[str, str] = dict(notes or {})
+
+    def __repr__(self) -> str:
+        return f"Mask({dict.__repr__(self)}, left_out={self.left_out!r}, notes={self.notes!r})"
 
 
-def prunable_parameters(model: nn.Module, include_biases: bool = False) -> dict[str, nn.Parameter]:
-    """The parameters a mask may cover: weights of Linear, Conv*, RNN/LSTM/GRU, Embedding and
-    MultiheadAttention layers (``weight``, ``weight_ih_l0``, ``in_proj_weight``, ...), plus their
-    biases when ``include_biases``. Raises if the model has none."""
+def _left_out(mask: Mapping) -> dict[str, str]:
+    return dict(getattr(mask, "left_out", {}) or {})
+
+
+def _notes(mask: Mapping) -> dict[str, str]:
+    return dict(getattr(mask, "notes", {}) or {})
+
+
+# Normalisation layers are never pruned by default (as snip-public never prunes batch-norm).
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def parameter_names(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """``(params, canonical)``: the model's distinct parameters by their first name (in
+    ``named_parameters()`` order), and every name of every parameter -> that first name."""
+    params: dict[str, nn.Parameter] = {}
+    first: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in first:
+            first[id(p)] = name
+            params[name] = p
+        canonical[name] = first[id(p)]
+    return params, canonical
+
+
+def owner_module(model: nn.Module, name: str) -> nn.Module:
+    """The module that holds the parameter called ``name`` directly."""
+    prefix = name.rpartition(".")[0]
+    return model.get_submodule(prefix) if prefix else model
+
+
+def _default_reason(model: nn.Module, name: str, p: nn.Parameter, include_biases: bool) -> str | None:
+    """None if the parameter is prunable by default, else why it is not."""
+    owner = owner_module(model, name)
+    leaf = name.rpartition(".")[2]
+    if isinstance(owner, NORM_LAYERS):
+        return "normalisation layer"
+    if not p.requires_grad:
+        return "requires_grad=False"
+    if p.dim() >= 2:
+        return None
+    if "bias" in leaf:
+        return None if include_biases else f"{p.dim()}-D (bias; include_biases=False)"
+    return f"{p.dim()}-D (not a bias)"
+
+
+def prunable_set(
+    model: nn.Module,
+    include_biases: bool = False,
+    params: Iterable[str] | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """``(prunable, left_out)``: the parameters a mask covers, by canonical name in
+    ``named_parameters()`` order, and ``{name: reason}`` for the others.
+
+    By default every parameter with two or more dimensions that requires grad, outside
+    normalisation layers (:data:`NORM_LAYERS`), whatever its module's class; plus 1-D biases
+    (names containing ``bias``) with ``include_biases``. ``params=[names]`` prunes exactly those
+    parameters instead (any of a shared tensor's names), and ``exclude=[glob patterns]`` (matched
+    against every name of a parameter) leaves the matches out."""
+    named, canonical = parameter_names(model)
+    aliases: dict[str, list[str]] = {}
+    for name, first in canonical.items():
+        aliases.setdefault(first, []).append(name)
+    if params is not None:
+        params = list(params)
+        unknown = [p for p in params if p not in canonical]
+        if unknown or not params:
+            raise SparsetrainError(
+                f"cannot prune {unknown or 'an empty list of parameters'}: not parameters of the model. "
+                f"Its parameters: {', '.join(canonical) or 'none'}"
+            )
+        chosen = {canonical[p] for p in params}
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
     found: dict[str, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_LAYERS):
-            continue
-        for leaf, param in module.named_parameters(recurse=False):
-            is_weight = "weight" in leaf
-            if param.requires_grad and (is_weight or (include_biases and "bias" in leaf)):
-                found[f"{module_name}.{leaf}" if module_name else leaf] = param
+    left_out: dict[str, str] = {}
+    for name, p in named.items():
+        if params is not None:
+            reason = None if name in chosen else "not in params="
+        else:
+            reason = _default_reason(model, name, p, include_biases)
+        if reason is None:
+            hit = next((pat for pat in patterns for a in aliases[name] if fnmatch.fnmatchcase(a, pat)), None)
+            reason = None if hit is None else f"excluded by pattern {hit!r}"
+        if reason is None:
+            found[name] = p
+        else:
+            left_out[name] = reason
     if not found:
+        why = "; ".join(f"{n}: {r}" for n, r in list(left_out.items())[:8]) or "it has no parameters"
         raise SparsetrainError(
-            f"{type(model).__name__} has no prunable parameters: sparsetrain prunes the weights of "
-            f"{', '.join(t.__name__ for t in PRUNABLE_LAYERS)} layers. Pass the parameter names to "
-            "prune explicitly with params=[...]."
+            f"{type(model).__name__} has no prunable parameters ({why}). By default sparsetrain prunes "
+            "every parameter with 2+ dimensions outside normalisation layers (and 1-D biases with "
+            "include_biases=True). Pass the parameter names to prune explicitly with params=[...]."
         )
-    return found
+    return found, left_out
 
 
-def check_mask(mask: Mask, model: nn.Module) -> None:
-    """Raise a clear error unless ``mask`` fits ``model``: known names, equal shapes, bool dtype."""
-    params = dict(model.named_parameters())
+def prunable_parameters(
+    model: nn.Module,
+    include_biases: bool = False,
+    params: Iterable[str] | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> dict[str, nn.Parameter]:
+    """The parameters a mask covers (see :func:`prunable_set`): ``{canonical name: parameter}``.
+    Raises if the model has none."""
+    return prunable_set(model, include_biases, params, exclude)[0]
+
+
+def resolve_mask(mask: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``mask`` keyed by canonical parameter names (a shared tensor's other names are accepted),
+    checked: known names, each tensor named once, equal shapes, bool dtype. Raises a clear
+    :class:`SparsetrainError` otherwise."""
+    params, canonical = parameter_names(model)
     problems = []
+    out: dict[str, torch.Tensor] = {}
+    named_as: dict[str, str] = {}
     for name, m in mask.items():
-        if name not in params:
+        if name not in canonical:
             problems.append(f"{name!r} is not a parameter of the model")
-        elif tuple(m.shape) != tuple(params[name].shape):
-            problems.append(f"{name!r} has shape {tuple(m.shape)}, the parameter {tuple(params[name].shape)}")
+            continue
+        first = canonical[name]
+        shape = tuple(params[first].shape)
+        if first in named_as:
+            problems.append(f"{name!r} and {named_as[first]!r} name the same shared tensor; keep one")
+        elif tuple(m.shape) != shape:
+            problems.append(f"{name!r} has shape {tuple(m.shape)}, the parameter {shape}")
         elif m.dtype != torch.bool:
             problems.append(f"{name!r} has dtype {m.dtype}, expected torch.bool")
+        else:
+            named_as[first] = name
+            out[first] = m
     if problems:
         raise SparsetrainError(
             "the mask does not fit the model: " + "; ".join(problems[:5])
             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
             + ". Prune this model again, or load the model the mask was made for."
         )
+    return out
 
 
-def apply_mask_(model: nn.Module, mask: Mask) -> nn.Module:
+def check_mask(mask: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise a clear error unless ``mask`` fits ``model``: known names (any name of a shared
+    tensor), each tensor named once, equal shapes, bool dtype."""
+    resolve_mask(mask, model)
+
+
+def apply_mask_(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.Module:
     """Zero the pruned entries of ``model``'s parameters in place."""
-    check_mask(mask, model)
-    params = dict(model.named_parameters())
+    resolved = resolve_mask(mask, model)
+    params = parameter_names(model)[0]
     with torch.no_grad():
-        for name, m in mask.items():
+        for name, m in resolved.items():
             params[name].mul_(m.to(params[name].device))
     return model
 
@@ -100,11 +222,11 @@ class GradientMask:
     each backward pass is all masked training costs. ``after_step`` re-applies the mask for
     optimizers that move zero-gradient weights (set ``reapply=True``)."""
 
-    def __init__(self, model: nn.Module, mask: Mask, reapply: bool = False):
-        check_mask(mask, model)
-        params = dict(model.named_parameters())
-        self.params = [params[n] for n in mask]
-        self.masks = [mask[n].to(device=params[n].device, dtype=params[n].dtype) for n in mask]
+    def __init__(self, model: nn.Module, mask: Mapping[str, torch.Tensor], reapply: bool = False):
+        resolved = resolve_mask(mask, model)
+        params = parameter_names(model)[0]
+        self.params = [params[n] for n in resolved]
+        self.masks = [m.to(device=params[n].device, dtype=params[n].dtype) for n, m in resolved.items()]
         self.reapply = reapply
 
     def after_backward(self) -> None:
@@ -134,16 +256,18 @@ class LayerSparsity:
         return 1.0 - self.kept / self.total
 
 
-def mask_summary(mask: Mask) -> list[LayerSparsity]:
+def mask_summary(mask: Mapping[str, torch.Tensor]) -> list[LayerSparsity]:
     return [LayerSparsity(n, tuple(m.shape), int(m.sum()), m.numel()) for n, m in mask.items()]
 
 
-def overall_sparsity(mask: Mask) -> float:
+def overall_sparsity(mask: Mapping[str, torch.Tensor]) -> float:
     total = sum(m.numel() for m in mask.values())
     return 1.0 - sum(int(m.sum()) for m in mask.values()) / total
 
 
-def format_sparsity_table(mask: Mask) -> str:
+def format_sparsity_table(mask: Mapping[str, torch.Tensor]) -> str:
+    """One row per masked parameter and a total; under it, for a :class:`Mask`, the parameters
+    left out and why, and the notes."""
     rows = mask_summary(mask)
     width = max([len(r.name) for r in rows] + [5])
     lines = [f"{'layer':<{width}}  {'shape':<18} {'kept':>9} {'total':>9} {'sparsity':>9}"]
@@ -151,25 +275,43 @@ def format_sparsity_table(mask: Mask) -> str:
         lines.append(f"{r.name:<{width}}  {str(r.shape):<18} {r.kept:>9} {r.total:>9} {r.sparsity:>9.2%}")
     kept, total = sum(r.kept for r in rows), sum(r.total for r in rows)
     lines.append(f"{'all':<{width}}  {'':<18} {kept:>9} {total:>9} {1 - kept / total:>9.2%}")
+    left_out, notes = _left_out(mask), _notes(mask)
+    if left_out:
+        lines.append("left dense (not pruned):")
+        lines += [f"  {n}: {why}" for n, why in left_out.items()]
+    if notes:
+        lines.append("notes:")
+        lines += [f"  {n}: {text}" for n, text in notes.items()]
     return "\n".join(lines)
 
 
-def save_mask(path: str | Path, mask: Mask, metadata: dict[str, str] | None = None) -> None:
+def save_mask(path: str | Path, mask: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``mask`` to a safetensors file; the parameter order and a :class:`Mask`'s
+    ``left_out`` and ``notes`` travel in its metadata."""
     from .state_io import save_tensors
 
     # safetensors sorts names; the parameter order (which breaks ties) travels in the metadata
     meta = dict(metadata or {}) | {"sparsetrain.mask_order": json.dumps(list(mask))}
+    if left_out := _left_out(mask):
+        meta["sparsetrain.left_out"] = json.dumps(left_out)
+    if notes := _notes(mask):
+        meta["sparsetrain.notes"] = json.dumps(notes)
     save_tensors(path, {n: m.to(torch.bool).cpu().contiguous() for n, m in mask.items()}, meta)
 
 
 def load_mask(path: str | Path, model: nn.Module | None = None) -> Mask:
-    """Load a mask file; with ``model``, check that it fits (clear error otherwise)."""
+    """Load a mask file as a :class:`Mask`; with ``model``, check that it fits (clear error
+    otherwise)."""
     from .state_io import load_tensors
 
     tensors, metadata = load_tensors(path)
     order = json.loads(metadata.get("sparsetrain.mask_order", "[]"))
     names = order if sorted(order) == sorted(tensors) else list(tensors)
-    mask = {n: tensors[n].to(torch.bool) for n in names}
+    mask = Mask(
+        {n: tensors[n].to(torch.bool) for n in names},
+        left_out=json.loads(metadata.get("sparsetrain.left_out", "{}")),
+        notes=json.loads(metadata.get("sparsetrain.notes", "{}")),
+    )
     if model is not None:
         check_mask(mask, model)
     return mask

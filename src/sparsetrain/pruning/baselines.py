@@ -1,21 +1,22 @@
-"""Baselines scored through the same interface as SNIP.
+"""Baselines scored through the same contract as SNIP; both need no data.
 
 ``random``: uniform scores, so global top-kappa keeps a uniformly random subset (every layer
-ends up at about the same sparsity). ``magnitude``: |w| at initialization, global.
+ends up at about the same sparsity). ``magnitude``: |w| at initialization, global (in a later
+round, under the mask so far, which changes nothing: the kept weights keep their values).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import METHODS
+from .registry import ScoreContext, register_method
 
 
-@METHODS.register("random")
-def random_scores(model, params, batches, loss_fn, generator):
-    return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
+@register_method("random", data_free=True)
+def random_scores(ctx: ScoreContext, options: None) -> dict[str, torch.Tensor]:
+    return {n: torch.rand(p.shape, generator=ctx.generator).to(p.device) for n, p in ctx.params.items()}
 
 
-@METHODS.register("magnitude")
-def magnitude_scores(model, params, batches, loss_fn, generator):
-    return {n: p.detach().abs() for n, p in params.items()}
+@register_method("magnitude", data_free=True)
+def magnitude_scores(ctx: ScoreContext, options: None) -> dict[str, torch.Tensor]:
+    return {n: p.detach().abs() for n, p in ctx.params.items()}

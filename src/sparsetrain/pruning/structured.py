@@ -2,9 +2,11 @@
 
 Methods only score (SNIP, random, magnitude, ...); this module turns the scores into a mask whose
 zeros follow a pattern, just as :mod:`.select` does for unstructured masks. Every weight with two
-or more dimensions is seen as its 2-D view ``(shape[0], rest)``: a Linear weight (out, in) as it
-is, a Conv weight (out, in, kh, kw) as (out, in*kh*kw), the row layout cuSPARSELt and
-``torch.sparse.to_sparse_semi_structured`` work on.
+or more dimensions is seen as a 2-D view whose rows are its outputs and whose row entries are its
+inputs: for a weight whose input axis is dim 1 (Linear (out, in), Conv (out, in, kh, kw)) the view
+``(shape[0], rest)``, (out, in*kh*kw) for a Conv, the row layout cuSPARSELt and
+``torch.sparse.to_sparse_semi_structured`` work on; for a weight stored (in, out, ...) (input axis
+dim 0, see :mod:`.axes`) the same view of the weight with its first two axes swapped.
 
 ``"N:M"`` (``"2:4"``: NVIDIA semi-structured sparsity): in each row, every group of M consecutive
 entries keeps its N highest scores; ties go to the first entries of the group. The sparsity is
@@ -123,8 +125,25 @@ def select_structured(
     structure: Structure | str,
     sparsity: float | None = None,
     scope: str = "global",
+    input_dims: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Mask with ``structure`` keeping the highest scores (see the module docstring)."""
+    """Mask with ``structure`` keeping the highest scores (see the module docstring).
+    ``input_dims``: ``{name: 0 or 1}``, the input axis of each weight (default 1)."""
+    dims = input_dims or {}
+    bad = {n: d for n, d in dims.items() if d not in (0, 1)}
+    if bad:
+        raise SparsetrainError(f"input axes must be 0 or 1; got {bad}")
+    views = {n: _rows_view(s, dims.get(n, 1)) for n, s in scores.items()}
+    mask = _select_rows(views, structure, sparsity, scope)
+    return {n: _rows_view(m, dims.get(n, 1)).contiguous() for n, m in mask.items()}
+
+
+def _rows_view(t: torch.Tensor, input_dim: int) -> torch.Tensor:
+    """The tensor with its input axis at dim 1 (its own inverse)."""
+    return t.transpose(0, 1) if input_dim == 0 and t.dim() >= 2 else t
+
+
+def _select_rows(scores, structure, sparsity, scope) -> dict[str, torch.Tensor]:
     structure = parse_structure(structure)
     if structure is None:
         raise SparsetrainError(f"select_structured needs a structure ({FORMS}); use select_top for none")
@@ -139,10 +158,10 @@ def select_structured(
         for n, s in matrices.items():
             if n not in fits:
                 warnings.warn(
-                    f"{n} {tuple(s.shape)} is left dense: its rows have {s[0].numel()} entries, not a "
+                    f"{n} {tuple(s.shape)} is left dense: its rows (one per output) have {s[0].numel()} input entries, not a "
                     f"multiple of {structure.m}, so it cannot hold {structure} sparsity",
                     StructureWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         mask.update({n: nm_mask(s, structure.n, structure.m) for n, s in fits.items()})
     else:

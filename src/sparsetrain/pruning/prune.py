@@ -1,0 +1,129 @@
+"""``prune_at_init``: choose the prunable set, score it with a method, select, in one or more rounds.
+
+The model is never changed: a later round scores with the pruned weights zeroed and their values
+restored afterwards, and the result is a :class:`~sparsetrain.masks.Mask` to apply or train with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..batches import is_batch
+from ..errors import SparsetrainError
+from ..masks import Mask, prunable_set
+from .axes import input_dims as find_input_dims
+from .registry import ScoreContext, method_options, method_spec
+from .rounds import masked_weights, never_revive, round_sparsities
+from .select import check_sparsity, select_top
+from .structured import NM, parse_structure, select_structured, structured_sparsity
+
+
+def as_batches(batches: Any) -> Iterable[Any] | None:
+    """Accept one batch (``(inputs, targets)`` or a dict) or an iterable of them (a loader)."""
+    if batches is None:
+        return None
+    if is_batch(batches):
+        return [batches]
+    return batches  # iterated once per round, lazily, by the method
+
+
+def prune_at_init(
+    model: nn.Module,
+    method: str = "snip",
+    *,
+    sparsity: float | None = None,
+    batches: Any = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    include_biases: bool = False,
+    params: Sequence[str] | None = None,
+    exclude: Sequence[str] | str | None = None,
+    scope: str = "global",
+    seed: int = 0,
+    structure: str = "",
+    input_dims: Mapping[str, int] | None = None,
+    options: Mapping[str, Any] | Any | None = None,
+    rounds: int = 1,
+    schedule: str | Sequence[float] = "exponential",
+) -> Mask:
+    """Return a :class:`~sparsetrain.masks.Mask` (``{parameter name: bool tensor}``) keeping
+    ``1 - sparsity`` of the prunable connections of ``model`` by ``method``'s scores. The model is
+    not changed: apply the mask with :func:`sparsetrain.masks.apply_mask_` or train with it.
+
+    ``batches``: one batch, ``(inputs, targets)`` or a dict for ``model(**batch)`` (SNIP's single
+    mini-batch), or an iterable of them, whose gradients are summed (spp-public's
+    whole-training-set variant); None for a data-free method. ``loss_fn(logits, targets)``:
+    default cross-entropy, or the model's own loss for dict batches (see
+    :mod:`sparsetrain.batches`).
+
+    Prunable set: every parameter with 2+ dimensions outside normalisation layers, any module
+    class, plus 1-D biases with ``include_biases``; ``params=[names]`` prunes those instead,
+    ``exclude=[glob patterns]`` leaves matches out; ``mask.left_out`` says what was left out and
+    why. A shared (tied) tensor is scored, counted and named once, by its first name.
+
+    ``structure``: ``""`` (unstructured), ``"N:M"`` (keep the top N of every M consecutive input
+    entries of each output; ``sparsity`` is then 1 - N/M and may be left out) or ``"blockRxC"``
+    (whole R x C tiles, kappa counting tiles); see :mod:`sparsetrain.pruning.structured`. The
+    input axis of each weight comes from its layer class, ``input_dims={"name": 0 or 1}``, or is
+    assumed to be dim 1 with a note in ``mask.notes`` (:mod:`sparsetrain.pruning.axes`).
+
+    ``options``: the method's options (a dict, checked, or its dataclass; see
+    :func:`~sparsetrain.pruning.registry.method_options`). ``rounds``: prune in that many rounds
+    along ``schedule`` (``"exponential"``, ``"linear"`` or a list of sparsities), each scored under
+    the mask of the round before; entries once pruned stay pruned.
+    """
+    layout = parse_structure(structure)
+    sparsity = check_sparsity(sparsity) if layout is None else structured_sparsity(layout, sparsity)
+    spec = method_spec(method)
+    opts = method_options(method, options)
+    steps = round_sparsities(sparsity, rounds, schedule)
+    if rounds > 1 and isinstance(layout, NM):
+        raise SparsetrainError(
+            f"structure {layout} fixes the sparsity at {layout.sparsity:.6g} in one step, so it cannot "
+            f"be reached in {rounds} rounds; prune with rounds=1, or use block or no structure"
+        )
+    batches = as_batches(batches)
+    if batches is None and not spec.data_free:
+        raise SparsetrainError(
+            f"pruning method {method!r} needs data: pass batches=(inputs, targets), a dict batch or a "
+            "loader (methods that need none: random, magnitude and any registered with data_free=True)"
+        )
+    if batches is not None and rounds > 1 and not isinstance(batches, (list, tuple)):
+        batches = list(batches)  # every round reads the same batches
+    named, left_out = prunable_set(model, include_biases, params, exclude)
+    dims, notes = find_input_dims(model, named, input_dims) if layout is not None or input_dims else ({}, {})
+    if layout is None:
+        notes = {}  # the input axis matters to structure only
+    generator = torch.Generator().manual_seed(seed)
+    mask = {n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in named.items()}
+    for k, step in enumerate(steps):
+        ctx = ScoreContext(model, named, mask, batches, loss_fn, generator, k, rounds, step)
+        with masked_weights(named, mask):
+            scores = spec.scores(ctx, opts)
+        scores = _checked_scores(method, scores, named)
+        if k > 0:
+            scores = never_revive(scores, mask)
+        if layout is None:
+            mask = select_top(scores, step, scope)
+        else:
+            mask = select_structured(scores, layout, step, scope, dims)
+    return Mask(mask, left_out=left_out, notes=notes)
+
+
+def _checked_scores(method: str, scores: Any, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The scores in parameter order, one tensor of the parameter's shape for each."""
+    if not isinstance(scores, Mapping) or set(scores) != set(named):
+        got = sorted(scores) if isinstance(scores, Mapping) else type(scores).__name__
+        raise SparsetrainError(
+            f"pruning method {method!r} must return {{name: score tensor}} for exactly the parameters "
+            f"in ctx.params ({', '.join(named)}); got {got}"
+        )
+    bad = [n for n, p in named.items() if tuple(scores[n].shape) != tuple(p.shape)]
+    if bad:
+        raise SparsetrainError(
+            f"pruning method {method!r} returned scores of the wrong shape for {', '.join(bad)} "
+            f"(e.g. {tuple(scores[bad[0]].shape)} for a parameter {tuple(named[bad[0]].shape)})"
+        )
+    return {n: scores[n] for n in named}
