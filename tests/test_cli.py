@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sparsetrain.cli.common import list_recipes, recipe_path
+from sparsetrain.recipes import list_recipes, recipe_path
 from sparsetrain.cli.main import main
 from sparsetrain.store import RunStore
 

@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from sparsetrain.cli.common import list_recipes, recipe_path
+from sparsetrain.recipes import list_recipes, recipe_path
 from sparsetrain.config import PruneConfig, RunConfig, TrainConfig
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.run import validate
@@ -34,7 +34,7 @@ def unusual_config() -> RunConfig:
 def test_toml_round_trip(config):
     text = config.to_toml()
     data = tomllib.loads(text)
-    assert set(data) == {"model", "dataset", "seed", "init", "name", "prune", "train"}
+    assert set(data) == {"model", "dataset", "seed", "init", "model_args", "data_args", "name", "prune", "train"}
     assert RunConfig.from_dict(data) == config
     # and the parsed values have TOML's natural types
     assert isinstance(data["train"]["lr"], float) and isinstance(data["train"]["iterations"], int)

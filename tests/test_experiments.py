@@ -14,11 +14,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsetrain.cli.common import recipe_path
+from sparsetrain.recipes import recipe_path
 from sparsetrain.cli.main import main
 from sparsetrain.config import RunConfig
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.experiments import EXPERIMENTS
+from sparsetrain.measure import Provenance
+from sparsetrain.run import run
 from sparsetrain.experiments import structured_cost as sc
 from sparsetrain.models import create_model
 from sparsetrain.pruning.structured import parse_structure, structured_sparsity
@@ -33,7 +35,7 @@ LENGTH_SETTINGS = {"iterations", "epochs", "decay_every", "val_every", "test_eve
 
 
 def test_structured_cost_is_a_reproduce_experiment():
-    assert EXPERIMENTS["structured-cost"] is sc.reproduce_structured_cost
+    assert EXPERIMENTS.get("structured-cost") is sc.reproduce_structured_cost
 
 
 @pytest.mark.parametrize("row_name", list(sc.ROWS))
@@ -153,7 +155,8 @@ def test_table_has_the_promised_columns_and_paired_deltas(tmp_path):
     rows = ["lenet300-dense", "lenet300-snip50", "lenet300-2:4", "lenet300-snip90", "lenet300-block32x32"]
     configs = sc.configs_for(rows, [0, 1], None)
     out = tmp_path / "t.md"
-    text = sc.write_table(rows, configs, fake_outcomes(configs), out, 90.0, ["reproduce", "structured-cost"])
+    provenance = Provenance.now(["sparsetrain", "reproduce", "structured-cost"])
+    text = sc.write_table(rows, configs, fake_outcomes(configs), out, 90.0, provenance)
     assert out.read_text() == text
     header = next(line for line in text.splitlines() if line.startswith("| network |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
@@ -171,7 +174,7 @@ def test_table_has_the_promised_columns_and_paired_deltas(tmp_path):
     assert "Removed entirely" in text and "`1.weight` under block 32x32 90%" in text
     assert "Command: `sparsetrain reproduce structured-cost`" in text and "Machine: " in text
     data = json.loads(out.with_suffix(".json").read_text())
-    assert data["meta"]["command"] == ["sparsetrain", "reproduce", "structured-cost"]
+    assert data["provenance"]["command"] == "sparsetrain reproduce structured-cost"
     entry = data["rows"]["lenet300-2:4"]
     assert entry["shape"] == "2:4" and entry["baseline"] == "lenet300-snip50" and entry["iterations"] == 10_000
     assert [r["seed"] for r in entry["runs"]] == [0, 1]
@@ -182,7 +185,7 @@ def test_table_with_missing_runs_and_baselines(tmp_path):
     rows = ["lenet5-block8x8", "vgg-2:4"]  # their baselines not run
     configs = sc.configs_for(rows, [0], 20)
     outcomes = fake_outcomes([c for c in configs if c.model == "vgg-cifar-small"])
-    text = sc.write_table(rows, configs, outcomes, tmp_path / "t.md", 1.0, [])
+    text = sc.write_table(rows, configs, outcomes, tmp_path / "t.md", 1.0, None)
     lenet5 = next(line for line in text.splitlines() if line.startswith("| LeNet-5-Caffe |"))
     assert "| 20 | 0 | - | - | - | - |" in lenet5
     vgg = next(line for line in text.splitlines() if line.startswith("| VGG"))
@@ -203,17 +206,20 @@ def test_paired_delta_pairs_seeds():
 @pytest.fixture
 def small_synthetic(monkeypatch):
     """The synthetic VGG rows on 300 examples in batches of 20 (the real ones: 5,000, of 100)."""
-    monkeypatch.setitem(sc.SYNTHETIC_SIZES, "n_train", 300)
-    monkeypatch.setitem(sc.SYNTHETIC_SIZES, "n_test", 50)
     vgg = sc.NETWORKS["vgg"]
-    monkeypatch.setitem(sc.NETWORKS, "vgg", dataclasses.replace(vgg, train={**vgg.train, "batch_size": 20}))
+    small = vgg.data_args | {"n_train": 300, "n_test": 50}
+    monkeypatch.setitem(sc.NETWORKS, "vgg", dataclasses.replace(vgg, data_args=small,
+                                                                train={**vgg.train, "batch_size": 20}))
 
 
-def test_synthetic_vgg_row_prunes_and_trains(small_synthetic):
+def test_synthetic_vgg_row_prunes_and_trains(small_synthetic, tmp_path):
+    # the synthetic rows go through the same pipeline as every run (they used to have a copy of it)
     config = sc.row_config("vgg-block32x32-layerwise", 0, iterations=2)
-    results, layers = sc.run_synthetic(config, "cpu")
+    assert config.dataset == "synthetic" and config.data_args["shape"] == [3, 32, 32]
+    outcome = run(config, store=tmp_path / "store", progress=False)
+    results, layers = outcome.results, outcome.layer_sparsity
     assert results["sparsity"] == pytest.approx(0.9, abs=0.03) and results["steps"] == 2
-    assert 0 <= results["test_error_final"] <= 1 and math.isfinite(results["train_loss_final"])
+    assert 0 <= results["test_error_final"] <= 1
     assert layers["0.0.weight"]["sparsity"] == 0.0  # one 16x27 tile: per-layer kappa keeps it
     assert layers["2.weight"]["sparsity"] == pytest.approx(0.9, abs=0.01)
 
@@ -230,14 +236,15 @@ def test_reproduce_command_end_to_end(capsys, tmp_path, shared_datasets, small_s
     assert "block 32x32, per-layer kappa" in text and "| 2 | 1 |" in text and "VGG (vgg-cifar-small)" in text
     data = json.loads(out_md.with_suffix(".json").read_text())
     assert [len(data["rows"][r]["runs"]) for r in ("lenet300-block32x32-layerwise", "vgg-snip90")] == [1, 1]
-    (record,) = RunStore(tmp_path / "store").list()  # the MNIST row is recorded, the synthetic one not
-    assert record.name == "structured-cost/lenet300-block32x32-layerwise" and record.status == "finished"
+    records = {r.name: r for r in RunStore(tmp_path / "store").list(group=("experiment", "structured-cost"))}
+    assert set(records) == {"structured-cost/lenet300-block32x32-layerwise", "structured-cost/vgg-snip90"}
+    record = records["structured-cost/lenet300-block32x32-layerwise"]
+    assert record.status == "finished"
     assert record.key == data["rows"]["lenet300-block32x32-layerwise"]["runs"][0]["key"]
-    # the table again from the store alone: the recorded row is there, the synthetic one is not
+    # the table again from the store alone: every row is there, unchanged
     assert main([str(a) for a in argv] + ["--report-only"]) == 0
     again = json.loads(out_md.with_suffix(".json").read_text())["rows"]
-    assert again["lenet300-block32x32-layerwise"]["runs"] == data["rows"]["lenet300-block32x32-layerwise"]["runs"]
-    assert again["vgg-snip90"]["runs"] == []
+    assert again == data["rows"]
 
 
 def test_reproduce_unknown_row_writes_nothing(capsys, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from sparsetrain.errors import SparsetrainError
-from sparsetrain.models import create_model, list_models
+from sparsetrain.models import check_model_args, create_model, default_input_shape, list_models
 
 ALL_MODELS = list_models()
 
@@ -21,9 +21,12 @@ def test_registry_holds_the_paper_models_and_the_tiny_families():
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_forward_mnist_shaped_batch(name):
+    # each model at its own default shape: MNIST images, their rows (28 x 28), or CIFAR images
     torch.manual_seed(0)
     model = create_model(name)
-    out = model(torch.randn(2, 1, 28, 28))
+    shape = default_input_shape(name)
+    assert len(shape) in (2, 3)  # (C, H, W) images or (T, F) sequences
+    out = model(torch.randn(2, *shape))
     assert out.shape == (2, 10)
     assert torch.isfinite(out).all()
     # every parameter takes part in the forward pass (none is dead weight)
@@ -35,6 +38,8 @@ def test_forward_mnist_shaped_batch(name):
 def test_other_input_shape_and_class_count(name):
     # LeNet-5-Caffe's two 5x5 convolutions and two poolings need inputs of at least 16x16.
     shape = (3, 32, 32) if name == "lenet-5-caffe" else (3, 8, 8)
+    if len(default_input_shape(name)) == 2:  # sequences: 8 steps of 6 features
+        shape = (8, 6)
     model = create_model(name, input_shape=shape, num_classes=5)
     assert model(torch.randn(2, *shape)).shape == (2, 5)
 
@@ -108,3 +113,20 @@ def test_unknown_model_without_close_match_lists_known_models():
         create_model("zzzzzzzz")
     assert "Did you mean" not in str(info.value)
     assert all(name in str(info.value) for name in ALL_MODELS)
+
+
+@pytest.mark.parametrize("name", ["lstm-tiny", "gru-tiny", "attention-tiny"])
+def test_sequence_models_refuse_images_and_say_how_to_fix_it(name):
+    with pytest.raises(SparsetrainError, match="view = 'rows'"):
+        create_model(name, input_shape=(1, 28, 28))
+
+
+def test_model_args_change_the_model_and_are_checked():
+    assert create_model("mlp-tiny", hidden=7)[1].out_features == 7
+    assert create_model("lstm-tiny", hidden=5).rnn.hidden_size == 5
+    with pytest.raises(SparsetrainError, match="unknown model_args 'depth'.*valid: hidden"):
+        create_model("mlp-tiny", depth=3)
+    with pytest.raises(SparsetrainError, match="takes no arguments"):
+        check_model_args("lenet-300-100", {"width": 2})
+    with pytest.raises(SparsetrainError, match="'model_args.hidden' must be int"):
+        check_model_args("mlp-tiny", {"hidden": "wide"})

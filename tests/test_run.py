@@ -23,6 +23,8 @@ from sparsetrain.store import RunStore
 # ``sparsetrain.run`` the attribute is the function (re-exported by the package), so
 # ``import sparsetrain.run as m`` gives the function; the module is fetched by name.
 run_module = importlib.import_module("sparsetrain.run")
+# the stages the run calls (train, prune_at_init) live in the pipeline module
+pipeline_module = importlib.import_module("sparsetrain.pipeline")
 
 # mlp-tiny's prunable weights (biases are not pruned by default): 784 x 32 and 32 x 10.
 MLP_TINY_WEIGHTS = {"1.weight": (32, 784), "3.weight": (10, 32)}
@@ -55,8 +57,11 @@ def test_run_prunes_trains_and_records(tmp_path):
 
     # exact kept count: kappa = round(m * (1 - s)) over all prunable weights
     kept = round(MLP_TINY_M * (1 - 0.9))
-    layers = outcome.layer_sparsity
+    layers = {n: v for n, v in outcome.layer_sparsity.items() if "left_out" not in v}
     assert set(layers) == set(MLP_TINY_WEIGHTS)
+    # the tensors left dense are listed with the reason
+    left_out = {n: v["left_out"] for n, v in outcome.layer_sparsity.items() if "left_out" in v}
+    assert set(left_out) == {"1.bias", "3.bias"} and all("bias" in why for why in left_out.values())
     for name, shape in MLP_TINY_WEIGHTS.items():
         assert tuple(layers[name]["shape"]) == shape
         assert layers[name]["total"] == shape[0] * shape[1]
@@ -67,7 +72,7 @@ def test_run_prunes_trains_and_records(tmp_path):
     # the record
     record = store.get(config.key())
     assert record.status == "finished" and record.name == "tiny"
-    assert record.results == r and record.layer_sparsity == layers
+    assert record.results == r and record.layer_sparsity == outcome.layer_sparsity
     assert RunConfig.from_dict(record.config) == config
     curves = store.metrics(config.key())
     assert [s for s, _ in curves["val_error"]] == [20, 40, 60]
@@ -92,7 +97,7 @@ def test_same_config_is_reused_without_training(tmp_path, monkeypatch):
     def must_not_train(*args, **kwargs):
         raise AssertionError("train() called for a finished run")
 
-    monkeypatch.setattr(run_module, "train", must_not_train)
+    monkeypatch.setattr(pipeline_module, "train", must_not_train)
     again = run(config, store=store, progress=False)
     assert again.reused is True
     assert again.results == first.results and again.layer_sparsity == first.layer_sparsity
@@ -108,8 +113,8 @@ def test_force_runs_again(tmp_path, monkeypatch):
     config = tiny(iterations=20)
     first = run(config, store=store, progress=False)
     calls = []
-    real_train = run_module.train
-    monkeypatch.setattr(run_module, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    real_train = pipeline_module.train
+    monkeypatch.setattr(pipeline_module, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
     again = run(config, store=store, progress=False, force=True)
     assert calls == [1] and again.reused is False
     assert again.results["test_error_final"] == first.results["test_error_final"]  # deterministic on CPU
@@ -197,7 +202,7 @@ def test_dense_method_has_no_sparsity(tmp_path):
 @pytest.mark.parametrize("batches, expected", [(0, SYNTHETIC_TRAIN // 100), (2, 2)])
 def test_prune_batches(batches, expected, monkeypatch):
     seen = []
-    real = run_module.prune_at_init
+    real = pipeline_module.prune_at_init
 
     def counting(model, method, *, batches, **kwargs):
         batches = list(batches)
@@ -205,21 +210,21 @@ def test_prune_batches(batches, expected, monkeypatch):
         assert all(x.shape == (100, 1, 28, 28) for x, _ in batches)
         return real(model, method, batches=batches, **kwargs)
 
-    monkeypatch.setattr(run_module, "prune_at_init", counting)
+    monkeypatch.setattr(pipeline_module, "prune_at_init", counting)
     outcome = run(tiny(sparsity=0.5, iterations=20, prune={"batches": batches}), store=None, progress=False)
     assert seen == [expected]  # 0 = one whole epoch of the training split
-    assert sum(v["kept"] for v in outcome.layer_sparsity.values()) == round(MLP_TINY_M * 0.5)
+    assert sum(v["kept"] for v in outcome.layer_sparsity.values() if "left_out" not in v) == round(MLP_TINY_M * 0.5)
 
 
 def test_reinit_trains_a_fresh_draw_under_the_same_mask(tmp_path, monkeypatch):
     starts = []
-    real_train = run_module.train
+    real_train = pipeline_module.train
 
     def capture(model, *args, **kwargs):
         starts.append({n: p.detach().clone() for n, p in model.named_parameters()})
         return real_train(model, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "train", capture)
+    monkeypatch.setattr(pipeline_module, "train", capture)
     store = RunStore(tmp_path / "store")
     plain = tiny(sparsity=0.9, iterations=20, init="variance-scaling")
     fresh = plain.replace(prune={"reinit": "variance-scaling-zero-bias"})

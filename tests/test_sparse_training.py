@@ -228,8 +228,9 @@ def test_run_sparse_uses_sparse_layers_and_masks_the_rest(tmp_path, monkeypatch)
         seen["model"], seen["hooks"] = model, list(hooks)
         return real_train(model, loaders, cfg, hooks=hooks, **kwargs)
 
-    real_train = run_module.train
-    monkeypatch.setattr(run_module, "train", capture)
+    pipeline_module = importlib.import_module("sparsetrain.pipeline")  # where the run's stages live
+    real_train = pipeline_module.train
+    monkeypatch.setattr(pipeline_module, "train", capture)
     # biases pruned too: they stay dense parameters, masked by GradientMask
     run(tiny("sparse", iterations=10).replace(prune={"include_biases": True}), store=None, progress=False)
     model = seen["model"]

@@ -13,8 +13,22 @@ A :class:`RunConfig` serialises to and from a flat-sectioned TOML recipe::
     [train]
     iterations = 30000
 
-Its :meth:`RunConfig.key` hashes the settings that change results (not the name, device, data
-folder or progress bar), so a finished run is found again and an interrupted one resumed.
+The dataclasses are the schema: each field's type is checked when a config is read, its help
+text (``field(metadata={"help": ...})``) is what the CLI prints, and its ``registry`` names the
+registry its value must come from (models, data sets, methods, ...), so the CLI's flags, choices
+and help are generated from here and never kept by hand. ``model_args``, ``data_args`` and
+``prune.options`` are the arguments of the chosen model, data set and pruning method: each of
+those declares them itself, and :func:`sparsetrain.pipeline.validate` checks them against it.
+
+:meth:`RunConfig.key` hashes the settings that change results (not the name), so a finished run
+is found again and an interrupted one resumed. A field added after runs were recorded is declared
+with :func:`later`: while it holds the default that reproduces the old behaviour it is left out
+of the key, so every recorded run keeps its key.
+
+    >>> RunConfig().key() == RunConfig(name="another label").key()
+    True
+    >>> RunConfig().key() == RunConfig().replace(train={"execution": "dense"}).key()  # a later field at its default
+    True
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,22 +45,46 @@ from typing import Any
 from .errors import SparsetrainError
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, registry: str = "", flag: str = "",
+            later: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text. ``registry``: the registry its value names (for the
+    CLI's choices and validation); ``flag``: the CLI flag when not ``--<field-name>``; ``later``:
+    added after runs were recorded, so left out of the run key while it holds ``default``."""
+    metadata = {"help": help, "registry": registry, "flag": flag, "later": later}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def later(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A field added after runs were recorded: ``default`` reproduces the behaviour from before
+    it existed, and while the field holds it the field is left out of the run key."""
+    return setting(default, help, later=True, **kwargs)
+
+
 @dataclass(frozen=True)
 class PruneConfig:
-    """How the mask is found. ``batches``: mini-batches scored (1 = the SNIP paper; 0 = the whole
-    training split, summing gradients as spp-public). ``include_biases``: prune biases too, as
-    snip-public. ``reinit``: after pruning, train a fresh draw of this init scheme instead of the
-    scored weights (snip-public: ``variance-scaling-zero-bias``); empty keeps the scored weights.
-    ``method = "dense"`` trains the unpruned network. ``structure``: ``"N:M"`` (e.g. ``"2:4"``;
-    needs ``sparsity = 1 - N/M``) or ``"blockRxC"`` (e.g. ``"block32x32"``); empty = unstructured."""
+    """How the mask is found."""
 
-    method: str = "snip"
-    sparsity: float = 0.95
-    batches: int = 1
-    include_biases: bool = False
-    scope: str = "global"
-    reinit: str = ""
-    structure: str = ""
+    method: str = setting("snip", "pruning method ('dense' trains the unpruned network)", registry="method")
+    sparsity: float = setting(0.95, "fraction of the prunable connections removed, in [0, 1)")
+    batches: int = setting(1, "mini-batches scored (1 = the SNIP paper; 0 = the whole training split, "
+                              "gradients summed as spp-public)", flag="prune-batches")
+    include_biases: bool = setting(False, "prune biases too (as snip-public)")
+    scope: str = setting("global", "where kappa is counted: over all prunable tensors, or per tensor",
+                         registry="scope")
+    reinit: str = setting("", "after pruning, train a fresh draw of this init scheme instead of the scored "
+                              "weights (snip-public: variance-scaling-zero-bias); empty keeps the scored weights",
+                          registry="init")
+    structure: str = later("", "mask structure: 'N:M' (e.g. '2:4'; needs sparsity 1-N/M), 'blockRxC' "
+                               "(e.g. 'block32x32'), or '' (unstructured)")
+    rounds: int = later(1, "pruning rounds: the mask carried from round to round, each round scored under "
+                           "the previous round's mask (iterative methods)", flag="prune-rounds")
+    round_schedule: str = later("exponential", "sparsity of the rounds before the last: 'exponential' "
+                                               "(density^(k/R)) or 'linear'")
+    exclude: tuple[str, ...] = later((), "glob patterns of parameter names never pruned (e.g. 'pos*')")
+    options: dict[str, Any] = later(default_factory=dict, help="the pruning method's own options "
+                                    "(`sparsetrain list methods` shows them)", flag="option")
 
 
 @dataclass(frozen=True)
@@ -55,71 +94,86 @@ class TrainConfig:
 
     Schedules: ``constant``; ``step`` (x ``decay_factor`` every ``decay_every`` iterations, the
     SNIP paper's "x0.1 every 25k"); ``linear`` (to ``end_lr_factor`` * lr at the end); ``cosine``.
-    ``val_every``: validation error every N iterations (0 = only at the end); the best one selects
-    the best-validation checkpoint. ``test_every``: also record test error every N iterations, for
-    the original's protocol (minimum over checkpoints), reported separately and never used to
-    choose the headline figure. ``execution``: ``dense`` trains the pruned Linear layers as dense
-    layers with zeros (masked gradients); ``sparse`` computes their forward and backward on the
-    kept weights only (``sparsetrain.sparse.training``; faster on CPU for wide, very sparse layers)."""
+    The best validation error selects the best-validation checkpoint; ``test_every`` records test
+    errors for the original's protocol (minimum over checkpoints), reported separately and never
+    used to choose the headline figure."""
 
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    decay_every: int = 25000
-    decay_factor: float = 0.1
-    end_lr_factor: float = 0.0
-    iterations: int = 0
-    epochs: float = 0.0
-    batch_size: int = 100
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    val_every: int = 1000
-    test_every: int = 0
-    checkpoint_every: int = 1000
-    execution: str = "dense"
+    optimizer: str = setting("sgd", "optimizer", registry="optimizer")
+    lr: float = setting(0.1, "learning rate")
+    momentum: float = setting(0.9, "momentum (SGD)")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD)")
+    weight_decay: float = setting(5e-4, "weight decay (L2 penalty 0.5 * wd * sum w^2)")
+    schedule: str = setting("step", "learning-rate schedule", registry="schedule")
+    decay_every: int = setting(25000, "iterations between decays (step schedule)")
+    decay_factor: float = setting(0.1, "factor of each decay (step schedule)")
+    end_lr_factor: float = setting(0.0, "final lr / lr (linear and cosine schedules)")
+    iterations: int = setting(0, "training length in iterations (or give epochs)")
+    epochs: float = setting(0.0, "training length in epochs of the training split (or give iterations)")
+    batch_size: int = setting(100, "training batch size")
+    val_fraction: float = setting(0.1, "fraction of the training set held out for validation")
+    split_seed: int = setting(0, "seed of the validation split")
+    val_every: int = setting(1000, "validation error every N iterations (0: only at the end)")
+    test_every: int = setting(0, "also record test error every N iterations (the original's protocol)")
+    checkpoint_every: int = setting(1000, "checkpoint every N iterations (resumable runs)")
+    execution: str = later("dense", "dense: pruned layers train as dense layers with zeros; sparse: pruned "
+                                    "Linear layers compute on their kept weights only (faster on CPU for wide, "
+                                    "very sparse layers)", registry="execution")
+    goal_error: float = later(0.0, "stop at the first validation check with error <= this (0: never); "
+                                   "the run is recorded as 'stopped'")
+    on_diverge: str = later("raise", "a NaN/inf training loss: 'raise' an error, or record the run as "
+                                     "'infeasible' (studies)", registry="on_diverge")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = "lenet-300-100"
-    dataset: str = "mnist"
-    seed: int = 0
-    init: str = "default"
+    """One run: the model and data, the init, how the mask is found and how it is trained."""
+
+    model: str = setting("lenet-300-100", "model", registry="model")
+    dataset: str = setting("mnist", "data set", registry="dataset")
+    seed: int = setting(0, "seed of the init, the pruning batch order and the training order")
+    init: str = setting("default", "initialization scheme of the scored weights", registry="init")
+    model_args: dict[str, Any] = later(default_factory=dict, help="the model's own arguments "
+                                       "(depth, width, ...; `sparsetrain list models`)", flag="model-arg")
+    data_args: dict[str, Any] = later(default_factory=dict, help="the data set's own arguments "
+                                      "(view, augmentation, ...; `sparsetrain list datasets`)", flag="data-arg")
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    name: str = ""  # a label (recipe name); not part of the run's identity
+    name: str = setting("", "a label (recipe name); not part of the run's identity")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _plain(dataclasses.asdict(self))
 
-    def key(self) -> str:
-        """Hex identity of the results-relevant settings."""
+    def identity(self) -> dict[str, Any]:
+        """The settings that change results: everything but ``name``, and fields declared with
+        :func:`later` only where they differ from their default."""
         identity = self.to_dict()
         identity.pop("name")
-        # Settings added after runs were recorded stay out of the identity while they hold their
-        # default, so existing runs keep their keys (and are found again, and resume).
-        for section, key, default in _ADDED_LATER:
-            if identity[section].get(key, default) == default:
-                identity[section].pop(key, None)
-        blob = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        for cls, part in ((RunConfig, identity), (PruneConfig, identity["prune"]), (TrainConfig, identity["train"])):
+            for f in fields(cls):
+                if f.metadata.get("later") and part.get(f.name) == _plain(_default(f)):
+                    part.pop(f.name)
+        return identity
+
+    def key(self) -> str:
+        """Hex identity of the results-relevant settings (16 hex digits)."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "RunConfig":
         """Copy with changes; ``prune`` and ``train`` take dicts of their own fields."""
         for section, cls in (("prune", PruneConfig), ("train", TrainConfig)):
             if isinstance(changes.get(section), dict):
-                changes[section] = dataclasses.replace(getattr(self, section), **_checked(cls, changes[section]))
-        return dataclasses.replace(self, **_checked(RunConfig, changes))
+                changes[section] = dataclasses.replace(getattr(self, section), **checked(cls, changes[section]))
+        return dataclasses.replace(self, **checked(RunConfig, changes))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise SparsetrainError(f"a run config must be a table of settings, got {data!r}")
         data = dict(data)
-        prune = PruneConfig(**_checked(PruneConfig, data.pop("prune", {})))
-        train = TrainConfig(**_checked(TrainConfig, data.pop("train", {})))
-        return cls(prune=prune, train=train, **_checked(cls, data))
+        prune = PruneConfig(**checked(PruneConfig, data.pop("prune", {})))
+        train = TrainConfig(**checked(TrainConfig, data.pop("train", {})))
+        return cls(prune=prune, train=train, **checked(cls, data))
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
@@ -128,28 +182,70 @@ class RunConfig:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise SparsetrainError(f"recipe file {path} does not exist") from None
+        except IsADirectoryError:
+            raise SparsetrainError(f"recipe {path} is a folder, not a TOML file") from None
         except tomllib.TOMLDecodeError as err:
             raise SparsetrainError(f"recipe {path} is not valid TOML: {err}") from None
         data.setdefault("name", Path(path).stem)
         return cls.from_dict(data)
 
     def to_toml(self) -> str:
-        def value(v: Any) -> str:
-            return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+        """The config as a TOML recipe (every setting, defaults included; tables last)."""
+        data = self.to_dict()
+        top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+        tables = [f"\n[{k}]\n" + _toml_table(v, k) for k, v in data.items()
+                  if isinstance(v, dict) and k not in ("prune", "train")]
+        sections = []
+        for s in ("prune", "train"):
+            inner = {k: v for k, v in data[s].items() if not isinstance(v, dict)}
+            sections.append(f"\n[{s}]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in inner.items()))
+            sections += [f"\n[{s}.{k}]\n" + _toml_table(v, f"{s}.{k}")
+                         for k, v in data[s].items() if isinstance(v, dict)]
+        return "\n".join(top) + "\n" + "\n".join(tables + sections) + "\n"
 
-        top = [f"{k} = {value(v)}" for k, v in self.to_dict().items() if not isinstance(v, dict)]
-        sections = [
-            f"\n[{s}]\n" + "\n".join(f"{k} = {value(v)}" for k, v in getattr(self, s).__dict__.items())
-            for s in ("prune", "train")
-        ]
-        return "\n".join(top) + "\n" + "\n".join(sections) + "\n"
+
+SECTIONS: dict[str, type] = {"": RunConfig, "prune": PruneConfig, "train": TrainConfig}
 
 
-_ADDED_LATER = [("prune", "structure", ""), ("train", "execution", "dense")]
+def schema() -> list[tuple[str, dataclasses.Field]]:
+    """Every setting as ``(section, field)`` (section "" is the top level), in declaration order:
+    what the CLI generates its flags from."""
+    out = []
+    for section, cls in SECTIONS.items():
+        out += [(section, f) for f in fields(cls) if f.name not in ("prune", "train")]
+    return out
 
 
-def _checked(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """Reject unknown keys with the valid ones listed, and wrong types with the expected one."""
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: the JSON/TOML form (and the form keys are hashed in)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def _toml_table(table: dict[str, Any], where: str) -> str:
+    if any(isinstance(v, dict) for v in table.values()):
+        raise SparsetrainError(f"[{where}] holds a nested table, which recipes do not support")
+    return "\n".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items())
+
+
+def checked(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` for ``cls(**data)``: unknown keys rejected with the valid ones listed, values
+    checked against the field types (an int is accepted for a float, a list for a tuple)."""
     known = {f.name: f for f in fields(cls)}
     section = {"PruneConfig": "[prune]", "TrainConfig": "[train]"}.get(cls.__name__, "top level")
     if not isinstance(data, dict):
@@ -159,14 +255,104 @@ def _checked(cls: type, data: dict[str, Any]) -> dict[str, Any]:
         raise SparsetrainError(
             f"unknown setting(s) {', '.join(unknown)} in {section}; valid: {', '.join(known)}"
         )
-    out = {}
-    for k, v in data.items():
-        expected = known[k].type
-        if expected == "float" and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        ok = {"int": int, "float": float, "str": str, "bool": bool,
-              "PruneConfig": PruneConfig, "TrainConfig": TrainConfig}.get(expected)
-        if ok is not None and (not isinstance(v, ok) or (ok is int and isinstance(v, bool))):
-            raise SparsetrainError(f"setting {k!r} must be {expected}, got {v!r}")
-        out[k] = v
-    return out
+    hints = typing.get_type_hints(cls)
+    return {k: check_type(v, hints[k], k) for k, v in data.items()}
+
+
+def check_type(value: Any, expected: Any, name: str) -> Any:
+    """``value`` converted to ``expected`` where that is lossless (int -> float, list -> tuple),
+    else a SparsetrainError naming the setting and the expected type. Handles the annotations
+    configs and option dataclasses use: scalars, ``tuple[T, ...]``, ``dict[str, T]``, ``X | None``,
+    ``Literal[...]`` and nested dataclasses."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return check_type(value, option, name)
+            except SparsetrainError:
+                pass
+        raise _wrong_type(name, expected, value)
+    if origin is typing.Literal:
+        if value not in args:
+            raise SparsetrainError(f"setting {name!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(name, expected, value)
+        item = args[0] if args else Any
+        return tuple(check_type(v, item, name) for v in value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(name, expected, value)
+        return [check_type(v, args[0] if args else Any, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong_type(name, expected, value)
+        return {str(k): check_type(v, args[1] if args else Any, f"{name}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(expected):
+        if not isinstance(value, expected):
+            raise _wrong_type(name, expected, value)
+        return value
+    if expected is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, float):
+            return value
+        raise _wrong_type(name, expected, value)
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _wrong_type(name, expected, value)
+    if isinstance(expected, type) and not isinstance(value, expected):
+        raise _wrong_type(name, expected, value)
+    return value
+
+
+def type_name(expected: Any) -> str:
+    """``int``, ``tuple[int, ...]``, ``one of 'image', 'rows'`` ...: a type as a user reads it."""
+    if typing.get_origin(expected) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(expected)))
+    if typing.get_origin(expected) is None and hasattr(expected, "__name__"):
+        return expected.__name__
+    return str(expected).replace("typing.", "")
+
+
+def _wrong_type(name: str, expected: Any, value: Any) -> SparsetrainError:
+    return SparsetrainError(f"setting {name!r} must be {type_name(expected)}, got {value!r}")
+
+
+def options_from(cls: type, values: dict[str, Any] | None, what: str) -> Any:
+    """An instance of the options dataclass ``cls`` from ``values`` (a dict, an instance or
+    None), each key and type checked: unknown keys are named with the valid ones."""
+    if values is None:
+        return cls()
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise SparsetrainError(f"{what} must be a table of settings (key = value), got {values!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise SparsetrainError(
+            f"unknown {what} {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(known)) or 'none'}"
+        )
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: check_type(v, hints[k], k) for k, v in values.items()})
+
+
+def describe_options(cls: type | None) -> list[str]:
+    """``name: type = default  help`` for each field of an options dataclass (for listings)."""
+    if cls is None:
+        return []
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in fields(cls):
+        shown = type_name(hints[f.name])
+        lines.append(f"{f.name}: {shown} = {_default(f)!r}" + (f"  {f.metadata['help']}" if f.metadata.get("help") else ""))
+    return lines

@@ -1,8 +1,10 @@
 """One run: prune at initialization, train, test, and record everything in the run store.
 
-    >>> from sparsetrain import RunConfig, run  # doctest: +SKIP
-    >>> outcome = run(RunConfig(model="lenet-300-100", dataset="mnist").replace(train={"epochs": 1}))
-    >>> outcome.results["test_error_final"]
+    >>> from sparsetrain import RunConfig, run
+    >>> config = RunConfig(model="mlp-tiny", dataset="synthetic").replace(train={"iterations": 20})
+    >>> outcome = run(config, store=None, progress=False)
+    >>> outcome.status, round(outcome.results["sparsity"], 2)
+    ('finished', 0.95)
 
 A run is identified by ``config.key()``. Running a finished config again returns the recorded
 outcome without training (``force=True`` starts over); an interrupted run resumes from its mask
@@ -21,20 +23,13 @@ from typing import Any
 import torch
 
 from .config import RunConfig
-from .data import DATASETS, create_loaders
 from .errors import SparsetrainError
-from .init import INITS, initialize_
-from .masks import GradientMask, Mask, apply_mask_, load_mask, mask_summary, overall_sparsity, save_mask
-from .models import MODELS, create_model
-from .pruning import METHODS, prune_at_init
-from .pruning.select import SCOPES, check_sparsity
-from .pruning.structured import parse_structure, structured_sparsity
-from .store import RunStore
-from .train.loop import resolve_device, train
-from .train.optim import OPTIMIZERS, SCHEDULES
-
-DENSE = "dense"  # the method name for the unpruned reference network
-EXECUTIONS = ("dense", "sparse")  # TrainConfig.execution
+from .masks import Mask, load_mask, save_mask
+from .pipeline import (  # noqa: F401  (DENSE, EXECUTIONS, validate, layer_table: part of this module's API)
+    DENSE, EXECUTIONS, build, find_mask, init_under_mask, layer_table, overall, pruning_batches, train_stage, validate,
+)
+from .store import TERMINAL_STATUSES, RunStore
+from .train.loop import Callback
 
 
 def default_store_root() -> Path:
@@ -49,68 +44,7 @@ class RunOutcome:
     results: dict[str, Any]
     layer_sparsity: dict[str, dict[str, Any]]
     reused: bool  # True when the store already held the finished run
-
-
-def validate(config: RunConfig, training: bool = True) -> None:
-    """Fail fast, before any data is read, on names and values that cannot work."""
-    MODELS.get(config.model)
-    DATASETS.get(config.dataset)
-    INITS.get(config.init)
-    if config.prune.method != DENSE:
-        METHODS.get(config.prune.method)
-        check_sparsity(config.prune.sparsity)
-    structure = parse_structure(config.prune.structure)  # a "dense" run ignores it
-    if structure is not None and config.prune.method != DENSE:
-        structured_sparsity(structure, config.prune.sparsity)  # N:M fixes it at 1 - N/M
-    if config.prune.reinit:
-        INITS.get(config.prune.reinit)
-    if config.prune.scope not in SCOPES:
-        raise SparsetrainError(f"unknown scope {config.prune.scope!r}; choose one of {', '.join(SCOPES)}")
-    if config.prune.batches < 0:
-        raise SparsetrainError("prune.batches must be >= 0 (0 scores the whole training split)")
-    if training and (config.train.iterations > 0) == (config.train.epochs > 0):
-        raise SparsetrainError(
-            "give the training length as exactly one of train.iterations or train.epochs "
-            f"(got iterations={config.train.iterations}, epochs={config.train.epochs})"
-        )
-    OPTIMIZERS.get(config.train.optimizer)
-    SCHEDULES.get(config.train.schedule)
-    if config.train.execution not in EXECUTIONS:
-        raise SparsetrainError(
-            f"unknown execution {config.train.execution!r}; choose one of {', '.join(EXECUTIONS)} "
-            "(sparse: pruned Linear layers compute on their kept weights only)"
-        )
-
-
-def pruning_batches(loaders, count: int):
-    """The first ``count`` training batches, or one whole epoch of the training split for 0."""
-    stream = loaders.train.iter_from(0)
-    n = loaders.train.steps_per_epoch if count == 0 else count
-    return (next(stream) for _ in range(n))
-
-
-def find_mask(config: RunConfig, model: torch.nn.Module, loaders) -> Mask | None:
-    p = config.prune
-    if p.method == DENSE:
-        return None
-    return prune_at_init(
-        model,
-        p.method,
-        sparsity=p.sparsity,
-        batches=pruning_batches(loaders, p.batches),
-        include_biases=p.include_biases,
-        scope=p.scope,
-        seed=config.seed,
-        structure=p.structure,
-    )
-
-
-def layer_table(mask: Mask | None, model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    if mask is None:
-        return {n: {"shape": list(p.shape), "kept": p.numel(), "total": p.numel(), "sparsity": 0.0}
-                for n, p in model.named_parameters()}
-    return {r.name: {"shape": list(r.shape), "kept": r.kept, "total": r.total, "sparsity": r.sparsity}
-            for r in mask_summary(mask)}
+    status: str = "finished"  # or "stopped" (a callback or goal stopped it) or "infeasible" (diverged)
 
 
 def run(
@@ -123,24 +57,29 @@ def run(
     progress: bool = True,
     download: bool = True,
     mask: Mask | None = None,
+    group: Any = None,
+    parent: str | None = None,
+    callbacks: list[Callback] = (),
 ) -> RunOutcome:
     """Prune, train and test as ``config`` says; record in ``store`` (``None``: no record).
 
     ``mask``: train with this mask instead of pruning (``sparsetrain train --mask FILE``); the
-    run's identity then includes the mask's content."""
+    run's identity then includes the mask's content. ``group``: the study or experiment the run
+    belongs to (``("experiment", "snip-table1")``); ``parent``: the key of the run it continues
+    (a pruning round, a rewind point). ``callbacks``: see :class:`sparsetrain.train.loop.Callback`."""
     validate(config)
     if isinstance(store, (str, Path)):
         store = RunStore(default_store_root() if store == "default" else store)
     key = config.key() if mask is None else _combined_key(config, mask)
     if store is not None:
         record = store.get(key)
-        if record is not None and record.status == "finished" and not force:
-            return RunOutcome(key, config, record.results, record.layer_sparsity or {}, reused=True)
+        if record is not None and record.status in TERMINAL_STATUSES and not force:
+            return RunOutcome(key, config, record.results, record.layer_sparsity or {}, reused=True, status=record.status)
         if record is not None and force:
             store.delete(key)
-        store.begin(key, config.to_dict(), config.seed, name=config.name)
+        store.begin(key, config.to_dict(), config.seed, name=config.name, group=group, parent=parent)
     try:
-        outcome = _execute(config, key, store, data_dir, resolve_device(device), progress, download, mask)
+        outcome = _execute(config, key, store, data_dir, device, progress, download, mask, callbacks)
     except BaseException as err:
         if store is not None:
             store.fail(key, f"{type(err).__name__}: {err}")
@@ -156,14 +95,8 @@ def _combined_key(config: RunConfig, mask: Mask) -> str:
     return digest.hexdigest()[:16]
 
 
-def _execute(config, key, store, data_dir, device, progress, download, given_mask) -> RunOutcome:
-    t = config.train
-    loaders = create_loaders(
-        config.dataset, batch_size=t.batch_size, data_dir=data_dir, download=download,
-        val_fraction=t.val_fraction, split_seed=t.split_seed, shuffle_seed=config.seed, device=device,
-    )
-    model = create_model(config.model, input_shape=loaders.input_shape, num_classes=loaders.num_classes).to(device)
-    initialize_(model, config.init, config.seed)
+def _execute(config, key, store, data_dir, device, progress, download, given_mask, callbacks) -> RunOutcome:
+    built = build(config, data_dir=data_dir, device=device, download=download)
     folder = store.artifact_dir(key) if store is not None else None
 
     started = time.perf_counter()
@@ -171,42 +104,21 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
     if given_mask is not None:
         mask = given_mask
     elif mask_file is not None and mask_file.exists():
-        mask = load_mask(mask_file, model)  # resuming: the mask was found before the interruption
+        mask = load_mask(mask_file, built.model)  # resuming: the mask was found before the interruption
     else:
-        mask = find_mask(config, model, loaders)
+        mask = find_mask(config, built)
     if mask_file is not None and mask is not None and not mask_file.exists():
         save_mask(mask_file, mask, {"key": key, "method": config.prune.method})
     prune_seconds = time.perf_counter() - started
 
-    if config.prune.reinit:
-        initialize_(model, config.prune.reinit, config.seed + 1)  # snip-public's separate weights
-    hooks = []
-    if mask is not None:
-        mask = {n: m.to(device) for n, m in mask.items()}
-        apply_mask_(model, mask)
-        if t.execution == "sparse":
-            from .sparse.training import sparsify_for_training_
-
-            # pruned Linear layers hold only their kept weights; the other masked parameters
-            # (conv, recurrent, ... and pruned biases) are still masked by GradientMask
-            model = sparsify_for_training_(model, mask)
-            remaining = dict(model.named_parameters())
-            dense_mask = {n: m for n, m in mask.items() if n in remaining}
-        else:
-            dense_mask = mask
-        if dense_mask:
-            hooks.append(GradientMask(model, dense_mask))
-    sparsity = overall_sparsity(mask) if mask is not None else 0.0
-    layers = layer_table(mask, model)
-
+    layers = layer_table(mask, built.model)
+    model, hooks = init_under_mask(config, built, mask)
     on_metrics = (lambda step, values: store.log_metrics(key, step, values)) if store is not None else None
-    result = train(
-        model, loaders, t, hooks=hooks, seed=config.seed,
-        checkpoint_path=folder / "checkpoint.safetensors" if folder is not None else None,
-        on_metrics=on_metrics, progress=progress, postfix={"sparsity": f"{sparsity:.3f}"},
-    )
-    results = result.as_results() | {"sparsity": sparsity, "device": str(device)}
+    result = train_stage(config, built, model, hooks, mask, progress=progress, on_metrics=on_metrics,
+                         checkpoint_path=folder / "checkpoint.safetensors" if folder is not None else None,
+                         callbacks=callbacks)
+    results = result.as_results() | {"sparsity": overall(mask), "device": str(built.device)}
     timings = {"prune_seconds": prune_seconds, "train_seconds": result.seconds}
     if store is not None:
-        store.finish(key, results, layer_sparsity=layers, timings=timings)
-    return RunOutcome(key, config, results, layers, reused=False)
+        store.finish(key, results, layer_sparsity=layers, timings=timings, status=result.status)
+    return RunOutcome(key, config, results, layers, reused=False, status=result.status)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from pathlib import Path
 
 from .. import experiments
-from ..data import create_loaders, list_datasets
+from ..config import describe_options
+from ..data import dataset_spec, list_datasets
 from ..errors import SparsetrainError
 from ..init import list_inits
 from ..masks import format_sparsity_table, load_mask, save_mask
-from ..models import create_model, list_models
-from ..pruning import list_methods
-from ..init import initialize_
-from ..run import DENSE, default_store_root, find_mask, run, validate
-from ..store import RunStore, format_runs_table
+from ..models import create_model, default_input_shape, describe_model_args, list_models
+from ..pipeline import DENSE, build, find_mask, validate
+from ..pruning import list_methods, method_spec
+from ..recipes import list_recipes
+from ..run import default_store_root, run
+from ..store import RUN_STATUSES, RunStore, format_runs_table
 from ..train.optim import OPTIMIZERS, SCHEDULES
-from .common import add_config_flags, add_env_flags, config_from_args, list_recipes
+from .common import add_config_flags, add_env_flags, config_from_args
 
 
 def _store(args) -> RunStore:
@@ -24,15 +28,26 @@ def _store(args) -> RunStore:
 
 def _print_outcome(outcome) -> None:
     r = outcome.results
-    state = "already recorded (use --force to run again)" if outcome.reused else "finished"
+    state = "already recorded (use --force to run again)" if outcome.reused else outcome.status
     print(f"run {outcome.key} {state}: {outcome.config.model} on {outcome.config.dataset}, "
           f"{outcome.config.prune.method} at {r.get('sparsity', 0):.2%} sparsity")
-    rows = [{"name": n, **v} for n, v in outcome.layer_sparsity.items()]
+    rows = [{"name": n, **v} for n, v in outcome.layer_sparsity.items() if "left_out" not in v]
     if rows:
         width = max(len(x["name"]) for x in rows)
         print(f"{'layer':<{width}}  {'kept':>9} {'total':>9} {'sparsity':>9}")
         for x in rows:
             print(f"{x['name']:<{width}}  {x['kept']:>9} {x['total']:>9} {x['sparsity']:>9.2%}")
+    left_out = {n: v["left_out"] for n, v in outcome.layer_sparsity.items() if "left_out" in v}
+    if left_out:
+        print("left dense: " + "; ".join(f"{n} ({why})" for n, why in left_out.items()))
+    if r.get("stop_reason"):
+        print(f"{r.get('status', outcome.status)}: {r['stop_reason']}")
+    if r.get("test_error_final") is None:
+        print("no test error: " + ("the run diverged" if outcome.status == "infeasible"
+                                   else "the model's outputs have no logits; it is judged by its loss"))
+        if r.get("test_loss_final") is not None:
+            print(f"test loss (final model): {r['test_loss_final']:.4f}")
+        return
     print(f"test error (final model):          {r['test_error_final']:.2%}")
     if r.get("test_error_best_val") is not None:
         print(f"test error (best validation, it {r['best_val_step']}): {r['test_error_best_val']:.2%}")
@@ -71,12 +86,10 @@ def _prune(args):
     if config.prune.method == DENSE:
         raise SparsetrainError("--method dense keeps every connection: there is no mask to write")
     validate(config, training=False)
-    loaders = create_loaders(config.dataset, batch_size=config.train.batch_size, data_dir=args.data_dir,
-                             val_fraction=config.train.val_fraction, split_seed=config.train.split_seed,
-                             shuffle_seed=config.seed)
-    model = create_model(config.model, input_shape=loaders.input_shape, num_classes=loaders.num_classes)
-    initialize_(model, config.init, config.seed)
-    mask = find_mask(config, model, loaders)
+    if Path(args.out).is_dir():
+        raise SparsetrainError(f"--out {args.out} is a folder; name the mask file to write, e.g. {Path(args.out) / 'mask.safetensors'}")
+    built = build(config, data_dir=args.data_dir, device=args.device)
+    mask = find_mask(config, built)
     save_mask(args.out, mask, {"model": config.model, "dataset": config.dataset,
                                "config": json.dumps(config.to_dict())})
     print(format_sparsity_table(mask))
@@ -88,7 +101,7 @@ def _prune(args):
 def _train_flags(p):
     add_config_flags(p)
     p.add_argument("--mask", required=True, help="mask file written by `sparsetrain prune`")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="train again even if this config and mask are recorded")
 
 
 def _train(args):
@@ -107,19 +120,39 @@ def _train(args):
 # --- list, runs ----------------------------------------------------------------------------------
 
 def _list_flags(p):
-    p.add_argument("what", nargs="?", default="all",
+    p.add_argument("what", nargs="?", default="all", help="which section (default all)",
                    choices=["all", "models", "datasets", "methods", "inits", "recipes", "optimizers", "schedules"])
     p.add_argument("--pattern", default="*", help="glob pattern on names")
 
 
-def _list(args):
-    def param_count(name):
-        return sum(p.numel() for p in create_model(name).parameters())
+def _with_args(head: str, args: list[str] | str) -> list[str]:
+    if isinstance(args, str):
+        args = [args] if args else []
+    return [head] + [f"      {a}" for a in args]
 
+
+def _model_line(name: str) -> list[str]:
+    count = sum(p.numel() for p in create_model(name).parameters())
+    return _with_args(f"{name:<18} {count:>11,} parameters  input {default_input_shape(name)}",
+                      f"model_args: {describe_model_args(name)}" if describe_model_args(name) else "")
+
+
+def _method_line(name: str) -> list[str]:
+    spec = method_spec(name)
+    head = name + ("  (data-free)" if getattr(spec, "data_free", False) else "")
+    return _with_args(head, [f"option {line}" for line in describe_options(getattr(spec, "options", None))])
+
+
+def _dataset_line(name: str) -> list[str]:
+    return _with_args(name, [f"data_arg {line}" for line in describe_options(getattr(dataset_spec(name), "args", None))])
+
+
+def _list(args):
     sections = {
-        "models": lambda: [f"{n:<18} {param_count(n):>9,} parameters" for n in list_models(args.pattern)],
-        "datasets": lambda: list_datasets(args.pattern),
-        "methods": lambda: list_methods(args.pattern) + ([DENSE + "  (no pruning)"] if _match(DENSE, args.pattern) else []),
+        "models": lambda: [line for n in list_models(args.pattern) for line in _model_line(n)],
+        "datasets": lambda: [line for n in list_datasets(args.pattern) for line in _dataset_line(n)],
+        "methods": lambda: [line for n in list_methods(args.pattern) for line in _method_line(n)]
+        + ([DENSE + "  (no pruning)"] if _match(DENSE, args.pattern) else []),
         "inits": lambda: list_inits(args.pattern),
         "recipes": lambda: [r for r in list_recipes() if _match(r, args.pattern)],
         "optimizers": lambda: OPTIMIZERS.list(args.pattern),
@@ -133,14 +166,12 @@ def _list(args):
 
 
 def _match(name, pattern):
-    import fnmatch
-
     return fnmatch.fnmatch(name, pattern)
 
 
 def _runs_flags(p):
     p.add_argument("--name", help="glob on the run (recipe) name")
-    p.add_argument("--status", choices=["running", "finished", "failed"])
+    p.add_argument("--status", choices=list(RUN_STATUSES), help="only runs with this status")
     p.add_argument("--store", help="run store folder (default $SPARSETRAIN_HOME or ./sparsetrain-runs)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
 
@@ -158,11 +189,11 @@ def _runs(args):
 # --- reproduce -----------------------------------------------------------------------------------
 
 def _reproduce_flags(p):
-    p.add_argument("experiment", choices=sorted(experiments.EXPERIMENTS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("experiment", choices=experiments.EXPERIMENTS.list(), help="which table to reproduce")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per row (default 0 1 2)")
     p.add_argument("--rows", nargs="+", help="only these rows (recipe names)")
     p.add_argument("--workers", type=int, default=1, help="runs trained side by side (processes)")
-    p.add_argument("--out", help="Markdown file for the table (default docs/results/<experiment>.md)")
+    p.add_argument("--out", help="Markdown file for the table, JSON beside it (default docs/results/<experiment>.md)")
     p.add_argument("--iterations", type=int, help="override the recipes' length (for a quick look)")
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--report-only", action="store_true",
@@ -171,7 +202,15 @@ def _reproduce_flags(p):
 
 
 def _reproduce(args):
-    experiments.EXPERIMENTS[args.experiment](args)
+    experiment = experiments.EXPERIMENTS.get(args.experiment)
+    options = experiments.ReproduceOptions(
+        seeds=tuple(args.seeds), rows=tuple(args.rows) if args.rows else None, workers=args.workers,
+        out=Path(args.out or f"docs/results/{args.experiment.replace('-', '_')}.md"),
+        iterations=args.iterations, threads=args.threads, report_only=args.report_only,
+        store=Path(args.store or default_store_root()), data_dir=args.data_dir, device=args.device,
+        command=("sparsetrain", *args.argv),
+    )
+    experiment(options)
 
 
 # --- bench -------------------------------------------------------------------------------------
@@ -183,15 +222,16 @@ def _bench_flags(p):
     p.add_argument("--sparsity", type=float, help="fraction of connections removed, in [0, 1), e.g. 0.98")
     p.add_argument("--method", default="snip", help="snip (scored on a random batch of real shape), random or magnitude")
     p.add_argument("--structure", default="", help='mask structure passed to pruning: "2:4", "block32x32" or "" (none)')
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES), metavar="B")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES), metavar="B",
+                   help="batch sizes to measure (default %(default)s)")
     p.add_argument("--input-shape", type=int, nargs="+", default=[1, 28, 28], metavar="N",
                    help="one example's shape (default 1 28 28)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10, help="model outputs (default 10)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; use the idle cores)")
     p.add_argument("--repeats", type=int, default=20, help="most timed rounds per measurement")
     p.add_argument("--budget", type=float, default=1.0, metavar="SECONDS",
                    help="time spent per end-to-end measurement (fewer rounds for big batches)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the scoring batch and the inputs")
     p.add_argument("--sweep", type=float, nargs="*", metavar="S",
                    help=f"also measure end-to-end speed-up at these sparsities (no value: {' '.join(map(str, DEFAULT_SWEEP))})")
     p.add_argument("--plot", metavar="FILE.png", help="draw speed-up against sparsity (implies --sweep)")

@@ -1,8 +1,10 @@
-"""Paper experiments, one file each: recipes + calls + a committed table or figure."""
+"""Paper experiments, one file each: recipes -> recorded runs -> a committed table or figure.
 
-from .snip_table1 import reproduce_snip_table1
-from .structured_cost import reproduce_structured_cost
+Add one with a file here that registers ``reproduce(options)`` in :data:`EXPERIMENTS` and an
+import below; ``sparsetrain reproduce NAME`` then runs it.
+"""
 
-EXPERIMENTS = {"snip-table1": reproduce_snip_table1, "structured-cost": reproduce_structured_cost}
+from . import snip_table1, structured_cost  # noqa: F401  (importing the experiments registers them)
+from .common import EXPERIMENTS, ReproduceOptions
 
-__all__ = ["EXPERIMENTS"]
+__all__ = ["EXPERIMENTS", "ReproduceOptions"]

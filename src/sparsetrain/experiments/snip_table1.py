@@ -1,26 +1,24 @@
 """SNIP paper, Table 1 (MNIST rows): LeNet-300-100 and LeNet-5-Caffe, dense and pruned by SNIP.
 
 ``sparsetrain reproduce snip-table1`` trains every row's recipe for three seeds (recorded in the
-run store: interrupted, it resumes; finished runs are not repeated) and writes
-``docs/results/snip_table1.md`` and ``.json`` with mean ± std beside the paper's figures.
+run store under the group ``("experiment", "snip-table1")``: interrupted, it resumes; finished
+runs are not repeated) and writes the table where it is told (the CLI's default:
+``docs/results/snip_table1.md`` and ``.json``) with mean ± std beside the paper's figures.
 """
 
 from __future__ import annotations
 
-import json
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
-from ..cli.common import recipe_path
 from ..config import RunConfig
 from ..errors import SparsetrainError
-from ..run import default_store_root
+from ..measure import Provenance, write_report
+from ..recipes import recipe_path
 from ..store import RunStore
-from ..machine import machine_description
-from .common import mean_std, run_many
+from .common import EXPERIMENTS, ReproduceOptions, mean_std, run_many
+
+GROUP = ("experiment", "snip-table1")
 
 # recipe -> (label, sparsity, paper's test error %, target test error %)
 ROWS = {
@@ -47,16 +45,17 @@ def configs_for(rows: list[str], seeds: list[int], iterations: int | None) -> li
     return sorted(out, key=lambda c: c.model != "lenet-5-caffe")
 
 
-def reproduce_snip_table1(args) -> None:
-    rows = args.rows or list(ROWS)
-    configs = configs_for(rows, args.seeds, args.iterations)
-    store_root = args.store or str(default_store_root())
-    store = RunStore(store_root)  # created once here, before the workers open it
+@EXPERIMENTS.register("snip-table1")
+def reproduce_snip_table1(options: ReproduceOptions) -> None:
+    rows = list(options.rows or ROWS)
+    configs = configs_for(rows, list(options.seeds), options.iterations)
+    provenance = Provenance.now(options.command)
+    store = RunStore(options.store)  # created once here, before the workers open it
     started = time.time()
     failures = []
-    pending = [] if getattr(args, "report_only", False) else configs
-    for name, results, error in run_many(pending, store_root, args.data_dir, args.device, args.workers,
-                                           getattr(args, "threads", None)):
+    pending = [] if options.report_only else configs
+    for name, results, error in run_many(pending, options.store, options.data_dir, options.device, options.workers,
+                                           options.threads, group=GROUP):
         if error:
             failures.append(f"{name}: {error}")
             print(f"{name}: FAILED {error}", file=sys.stderr)
@@ -64,9 +63,7 @@ def reproduce_snip_table1(args) -> None:
             print(f"{name}: test error {100 * results['test_error_final']:.2f}% "
                   f"(best-val {100 * results['test_error_best_val']:.2f}%)", flush=True)
     records = {c.key(): store.get(c.key()) for c in configs}
-    out = Path(args.out or "docs/results/snip_table1.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table = write_table(rows, configs, records, out, time.time() - started, getattr(args, "argv", []))
+    table = write_table(rows, configs, records, options.out, time.time() - started, provenance)
     print(table)
     if failures:
         raise SparsetrainError(f"{len(failures)} run(s) failed (the others are recorded): " + "; ".join(failures))
@@ -77,7 +74,7 @@ def mean_std_seconds(values) -> str:
     return f"{sum(values) / len(values):,.0f}" if values else "-"
 
 
-def write_table(rows, configs, records, out: Path, seconds: float, argv: list[str]) -> str:
+def write_table(rows, configs, records, out, seconds: float, provenance: Provenance | None) -> str:
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     iterations = {}
     for c in configs:
@@ -117,17 +114,13 @@ def write_table(rows, configs, records, out: Path, seconds: float, argv: list[st
         "at 25k and 50k), 30,000 for LeNet-5-Caffe (one decay), chosen to fit a 2-core CPU. "
         "Recipes: `src/sparsetrain/recipes/snip-table1-*.toml`.",
         "",
-        f"Command: `sparsetrain {shlex.join(argv)}`  ",
-        f"Machine: {machine_description()}  ",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d}; wall time of this invocation {seconds / 60:.1f} min "
-        "(runs already in the store are not repeated); training time recorded per run (s): "
-        + ", ".join(f"{r} {mean_std_seconds([x['train_seconds'] for x in per_row[r]])}" for r in rows) + ".",
-        "",
         "How these runs were trained, and what else was tried to close the gap to the paper (other "
         "scores, learning rates, optimizers, longer training): [snip_table1_variants.md](snip_table1_variants.md).",
         "",
+        f"Wall time of this invocation {seconds / 60:.1f} min (runs already in the store are not repeated); "
+        "training time recorded per run (s): "
+        + ", ".join(f"{r} {mean_std_seconds([x['train_seconds'] for x in per_row[r]])}" for r in rows) + ".",
     ]
     text = "\n".join(lines)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(per_row, indent=1))
-    return text
+    md, _ = write_report(out, text, per_row, provenance=provenance)
+    return md.read_text()

@@ -13,46 +13,33 @@ matched sparsity, with everything else equal, and writes ``docs/results/structur
 Networks: LeNet-300-100 and LeNet-5-Caffe on MNIST, with the SNIP paper's Table 1 recipes
 (``snip-table1-*``; every row of a network shares the training settings, only the mask differs),
 shortened so the whole experiment fits in about half an hour of a 2-core CPU; and a CIFAR-shaped
-VGG (``vgg-cifar-small``). CIFAR-10 is not available offline and no 3x32x32 data set is
-registered, so the VGG rows train on synthetic 3x32x32 data (``make_synthetic``) through
-:func:`sparsetrain.train` directly: they show the masks' per-layer layout and that they train,
-not a CIFAR-10 result, and they are not recorded in the run store. The MNIST rows go through
-:func:`sparsetrain.run` and are recorded: an interrupted experiment resumes, finished runs are
-not repeated.
+VGG (``vgg-cifar-small``). CIFAR-10 is not available offline, so the VGG rows train on the
+``synthetic`` data set with 3x32x32 examples (``data_args``): they show the masks' per-layer
+layout and that they train, not a CIFAR-10 result. Every row goes through :func:`sparsetrain.run`
+and is recorded under the group ``("experiment", "structured-cost")``: an interrupted experiment
+resumes, finished runs are not repeated.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..cli.common import recipe_path
 from ..config import RunConfig
-from ..data import EvalLoader, Loaders, TrainStream, make_synthetic, preprocess, split_train_val
 from ..errors import SparsetrainError
-from ..init import initialize_
-from ..masks import GradientMask, apply_mask_, overall_sparsity
-from ..models import create_model
+from ..measure import Provenance, write_report
 from ..pruning.structured import NM, Blocks, parse_structure
-from ..run import default_store_root, find_mask, layer_table
+from ..recipes import recipe_path
 from ..store import RunStore
-from ..train.loop import resolve_device, train
-from ..machine import machine_description
-from .common import mean_std, run_many
+from .common import EXPERIMENTS, ReproduceOptions, mean_std, run_many
 
-SYNTHETIC = "synthetic-3x32x32"  # the VGG rows' data: not a registered data set, built here
-SYNTHETIC_SIZES = {"n_train": 5000, "n_test": 1000, "seed": 0}
+GROUP = ("experiment", "structured-cost")
+SYNTHETIC = "synthetic"  # the VGG rows' data: the synthetic data set with CIFAR-shaped examples
+SYNTHETIC_ARGS = {"n_train": 5000, "n_test": 1000, "shape": [3, 32, 32], "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -60,6 +47,7 @@ class Network:
     label: str
     model: str
     dataset: str
+    data_args: dict[str, Any]
     dense_recipe: str  # Table 1 recipe of the dense row
     snip_recipe: str  # Table 1 recipe the SNIP rows take their pruning settings from
     iterations: int  # default length (``--iterations`` overrides)
@@ -68,17 +56,17 @@ class Network:
 
 
 NETWORKS = {
-    "lenet300": Network("LeNet-300-100", "lenet-300-100", "mnist", "snip-table1-lenet300-dense",
+    "lenet300": Network("LeNet-300-100", "lenet-300-100", "mnist", {}, "snip-table1-lenet300-dense",
                         "snip-table1-lenet300-95", 10_000),
     "lenet5": Network(
-        "LeNet-5-Caffe", "lenet-5-caffe", "mnist", "snip-table1-lenet5-dense", "snip-table1-lenet5-98", 4_000,
+        "LeNet-5-Caffe", "lenet-5-caffe", "mnist", {}, "snip-table1-lenet5-dense", "snip-table1-lenet5-98", 4_000,
         train={"lr": 0.01},
         why="lr 0.01 for every LeNet-5-Caffe row, as its dense Table 1 recipe: with lr 0.1 (the SNIP "
             "recipes at 98-99%) the 50% masks and the 90% block mask diverge within 50-300 iterations "
             "(linear convolutions), so no shared lr above 0.01 trains all rows",
     ),
     "vgg": Network(
-        "VGG (vgg-cifar-small)", "vgg-cifar-small", SYNTHETIC, "snip-table1-lenet5-dense", "snip-table1-lenet5-98",
+        "VGG (vgg-cifar-small)", "vgg-cifar-small", SYNTHETIC, SYNTHETIC_ARGS, "snip-table1-lenet5-dense", "snip-table1-lenet5-98",
         200, train={"lr": 0.1},
         why="lr 0.1 for every row, the SNIP recipes' (batch-norm and ReLU keep the dense VGG stable there, "
             "unlike LeNet-5-Caffe's linear convolutions)",
@@ -147,8 +135,8 @@ def row_config(row_name: str, seed: int, iterations: int | None = None) -> RunCo
     prune = {"structure": structure_of(row.shape), "scope": row.scope}
     if not dense:
         prune["sparsity"] = row.sparsity
-    return base.replace(model=net.model, dataset=net.dataset, seed=seed, name=f"structured-cost/{row_name}",
-                        prune=prune, train=train)
+    return base.replace(model=net.model, dataset=net.dataset, data_args=dict(net.data_args), seed=seed,
+                        name=f"structured-cost/{row_name}", prune=prune, train=train)
 
 
 def _every(recipe_every: int, length: int) -> int:
@@ -190,81 +178,26 @@ def view_2d(shape: tuple[int, ...]) -> str:
     return f"{shape[0]}x{math.prod(shape[1:])}" if len(shape) >= 2 else f"{shape[0]}"
 
 
-# --- the synthetic VGG rows (train() directly) ---------------------------------------------
-
-def synthetic_loaders(config: RunConfig, device) -> Loaders:
-    raw = make_synthetic(SYNTHETIC_SIZES["n_train"], SYNTHETIC_SIZES["n_test"], shape=(3, 32, 32),
-                         seed=SYNTHETIC_SIZES["seed"])
-    train_x, test_x, mean, std = preprocess(raw)
-    t = config.train
-    (tr_x, tr_y), val = split_train_val(train_x, raw.train_y, t.val_fraction, t.split_seed)
-    return Loaders(
-        train=TrainStream(tr_x, tr_y, t.batch_size, seed=config.seed, device=device),
-        val=None if val is None else EvalLoader(*val, 1000, device=device),
-        test=EvalLoader(test_x, raw.test_y, 1000, device=device),
-        input_shape=raw.input_shape, num_classes=raw.num_classes, name=SYNTHETIC, mean=mean, std=std,
-    )
-
-
-def run_synthetic(config: RunConfig, device=None) -> tuple[dict, dict]:
-    """What :func:`sparsetrain.run` does (prune at init, re-draw, train under the mask), on the
-    synthetic 3x32x32 data; nothing is recorded. Returns (results, per-layer sparsity)."""
-    device = resolve_device(device)
-    loaders = synthetic_loaders(config, device)
-    model = create_model(config.model, input_shape=loaders.input_shape, num_classes=loaders.num_classes)
-    model = model.to(device)
-    initialize_(model, config.init, config.seed)
-    mask = find_mask(config, model, loaders)
-    if config.prune.reinit:
-        initialize_(model, config.prune.reinit, config.seed + 1)
-    hooks = []
-    if mask is not None:
-        mask = {n: m.to(device) for n, m in mask.items()}
-        apply_mask_(model, mask)
-        hooks.append(GradientMask(model, mask))
-    result = train(model, loaders, config.train, hooks=hooks, seed=config.seed, progress=False)
-    results = result.as_results() | {
-        "sparsity": overall_sparsity(mask) if mask is not None else 0.0,
-        "train_loss_final": result.curves["train_loss"][-1][1],
-        "device": str(device),
-    }
-    return results, layer_table(mask, model)
-
-
 # --- the command -----------------------------------------------------------------------------
 
-def reproduce_structured_cost(args) -> None:
-    rows = args.rows or DEFAULT_ROWS
-    configs = configs_for(rows, args.seeds, args.iterations)
-    report_only = getattr(args, "report_only", False)  # write the table from the store, train nothing
-    threads = getattr(args, "threads", None)
-    recorded = [c for c in configs if c.dataset != SYNTHETIC]
-    synthetic = [] if report_only else [c for c in configs if c.dataset == SYNTHETIC]
-    store_root = args.store or str(default_store_root())
-    store = RunStore(store_root)  # created once here, before the workers open it
+@EXPERIMENTS.register("structured-cost")
+def reproduce_structured_cost(options: ReproduceOptions) -> None:
+    rows = list(options.rows or DEFAULT_ROWS)
+    configs = configs_for(rows, list(options.seeds), options.iterations)
+    provenance = Provenance.now(options.command)
+    store = RunStore(options.store)  # created once here, before the workers open it
     started = time.time()
-    failures = []
-    outcomes: dict[str, dict] = {}  # config key -> {"results", "layers"}
-    pending = [] if report_only else recorded
-    for name, results, error in run_many(pending, store_root, args.data_dir, args.device, args.workers, threads):
+    failures: list[str] = []
+    pending = [] if options.report_only else configs
+    for name, results, error in run_many(pending, options.store, options.data_dir, options.device,
+                                           options.workers, options.threads, group=GROUP):
         _report(name, results, error, failures)
-    for c in recorded:
+    outcomes: dict[str, dict] = {}  # config key -> {"results", "layers"}
+    for c in configs:
         rec = store.get(c.key())
         if rec is not None and rec.status == "finished":
             outcomes[c.key()] = {"results": rec.results, "layers": rec.layer_sparsity or {}}
-    if synthetic:
-        torch.set_num_threads(threads or os.cpu_count() or 1)  # one process: all the cores
-    for c in synthetic:
-        try:
-            results, layers = run_synthetic(c, args.device)
-        except SparsetrainError as err:
-            _report(c.name, None, f"{type(err).__name__}: {err}", failures)
-            continue
-        _report(c.name, results, None, failures)
-        outcomes[c.key()] = {"results": results, "layers": layers}
-    out = Path(args.out or "docs/results/structured_cost.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = write_table(rows, configs, outcomes, out, time.time() - started, getattr(args, "argv", []))
+    text = write_table(rows, configs, outcomes, options.out, time.time() - started, provenance)
     print(text)
     if failures:
         raise SparsetrainError(f"{len(failures)} run(s) failed (the others are in the table): " + "; ".join(failures))
@@ -397,7 +330,7 @@ def _parameter_order(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in path), {"weight": 0, "bias": 1}.get(leaf, 2), leaf
 
 
-def write_table(rows, configs, outcomes, out: Path, seconds: float, argv: list[str]) -> str:
+def write_table(rows, configs, outcomes, out, seconds: float, provenance: Provenance | None) -> str:
     summary = summarise(rows, configs, outcomes)
     nets = dict.fromkeys(ROWS[r].network for r in rows)
     lines = [
@@ -433,10 +366,8 @@ def write_table(rows, configs, outcomes, out: Path, seconds: float, argv: list[s
         if net.why:
             line += f"; {net.why}"
         if key == "vgg":
-            line += (f". Data: `make_synthetic({SYNTHETIC_SIZES['n_train']}, {SYNTHETIC_SIZES['n_test']}, "
-                     "shape=(3, 32, 32))` (a noisy prototype per class; CIFAR-10 is not available offline and "
-                     "sparsetrain registers no 3x32x32 data set), trained with `sparsetrain.train` directly and "
-                     "not recorded in the run store. Class prototypes plus noise say little about natural images: "
+            line += (f". Data: the `synthetic` data set with data_args {SYNTHETIC_ARGS} (a noisy prototype per "
+                     "class; CIFAR-10 is not available offline). Class prototypes plus noise say little about natural images: "
                      "these rows show the masks' layout and that they train, **not** what the structures cost "
                      "on CIFAR-10")
         lines.append(line + ".")
@@ -450,15 +381,7 @@ def write_table(rows, configs, outcomes, out: Path, seconds: float, argv: list[s
         "## Per-layer sparsity of the masks",
         *layer_tables(summary),
         "",
-        f"Command: `sparsetrain {shlex.join(str(a) for a in argv)}`  ",
-        f"Machine: {machine_description()}  ",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d}; wall time of this invocation {seconds / 60:.1f} min "
-        "(MNIST runs already in the store are not repeated).",
-        "",
+        f"Wall time of this invocation {seconds / 60:.1f} min (runs already in the store are not repeated).",
     ]
-    text = "\n".join(lines)
-    out.write_text(text)
-    meta = {"command": ["sparsetrain", *map(str, argv)], "machine": machine_description(),
-            "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "seconds": seconds}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": summary}, indent=1))
-    return text
+    md, _ = write_report(out, "\n".join(lines), {"meta": {"seconds": seconds}, "rows": summary}, provenance=provenance)
+    return md.read_text()

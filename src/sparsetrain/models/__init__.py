@@ -5,29 +5,14 @@
     >>> sum(p.numel() for p in model.parameters())
     266610
 
-Every factory takes ``input_shape`` (C, H, W) and ``num_classes`` keyword arguments, so the
-run code can build any registered model for any registered data set.
+Every factory takes ``input_shape`` and ``num_classes`` keyword arguments (defaults: the model's
+own paper configuration) and its own typed arguments (``model_args``), so the pipeline can build
+any registered model for any registered data set. Image models take (C, H, W) examples;
+recurrent models take sequences (T, F), which the data layer's ``view`` gives them.
 """
 
-from __future__ import annotations
+from . import lenet, small, vgg  # noqa: F401  (importing the families fills the registry)
+from .registry import MODELS, check_model_args, create_model, default_input_shape, describe_model_args, list_models, model_args_of
 
-import torch.nn as nn
-
-from ..registry import Registry
-
-MODELS = Registry("model")
-
-
-def create_model(name: str, *, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
-    """Build the model registered as ``name`` (see :func:`list_models`)."""
-    return MODELS.create(name, input_shape=tuple(input_shape), num_classes=num_classes)
-
-
-def list_models(pattern: str = "*") -> list[str]:
-    return MODELS.list(pattern)
-
-
-# Importing the families fills the registry.
-from . import lenet, small, vgg  # noqa: E402,F401
-
-__all__ = ["MODELS", "create_model", "list_models"]
+__all__ = ["MODELS", "check_model_args", "create_model", "default_input_shape", "describe_model_args",
+           "list_models", "model_args_of"]

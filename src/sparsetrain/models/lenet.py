@@ -13,7 +13,7 @@ import math
 import torch.nn as nn
 
 from ..errors import SparsetrainError
-from . import MODELS
+from .registry import MODELS
 
 
 @MODELS.register("lenet-300-100")

@@ -1,6 +1,7 @@
 """Small models of every architecture family SNIP must handle: MLP, conv with batch-norm,
 residual, LSTM, GRU and attention. They make tests fast and show that pruning works on any
-``nn.Module``. Sequence models read an image (C, H, W) as a sequence of H rows of C*W features.
+``nn.Module``. The recurrent and attention models take sequences (T, F): the data layer's
+``view="rows"`` turns an image (C, H, W) into H steps of C*W features (MNIST: 28 x 28).
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import math
 import torch
 import torch.nn as nn
 
-from . import MODELS
+from ..errors import SparsetrainError
+from .registry import MODELS
 
 
 @MODELS.register("mlp-tiny")
-def mlp_tiny(*, input_shape=(1, 28, 28), num_classes=10) -> nn.Module:
+def mlp_tiny(*, input_shape=(1, 28, 28), num_classes=10, hidden: int = 32) -> nn.Module:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(math.prod(input_shape), 32), nn.ReLU(), nn.Linear(32, num_classes)
+        nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
     )
 
 
@@ -64,47 +66,55 @@ class ResNetTiny(nn.Module):
 
 
 @MODELS.register("resnet-tiny")
-def resnet_tiny(*, input_shape=(1, 28, 28), num_classes=10) -> nn.Module:
-    return ResNetTiny(input_shape, num_classes)
+def resnet_tiny(*, input_shape=(1, 28, 28), num_classes=10, width: int = 8) -> nn.Module:
+    return ResNetTiny(input_shape, num_classes, width)
+
+
+def sequence_features(name: str, input_shape) -> int:
+    """F of a sequence input shape (T, F); an image shape is refused with the fix."""
+    if len(input_shape) != 2:
+        raise SparsetrainError(
+            f"{name} takes sequences of shape (steps, features), got examples of shape {tuple(input_shape)}; "
+            "read an image data set as a sequence with data_args view = 'rows' (or 'pixels')"
+        )
+    return input_shape[1]
 
 
 class RecurrentTiny(nn.Module):
     def __init__(self, cell: type[nn.Module], input_shape, num_classes, hidden=32):
         super().__init__()
-        c, _, w = input_shape
-        self.rnn = cell(c * w, hidden, batch_first=True)
+        self.rnn = cell(sequence_features(f"{cell.__name__.lower()}-tiny", input_shape), hidden, batch_first=True)
         self.head = nn.Linear(hidden, num_classes)
 
-    def forward(self, x):  # (B, C, H, W)
-        seq = x.permute(0, 2, 1, 3).flatten(2)  # (B, H, C*W): one row per time step
-        out, _ = self.rnn(seq)  # (B, H, hidden)
+    def forward(self, x):  # (B, T, F)
+        out, _ = self.rnn(x)  # (B, T, hidden)
         return self.head(out[:, -1])
 
 
 @MODELS.register("lstm-tiny")
-def lstm_tiny(*, input_shape=(1, 28, 28), num_classes=10) -> nn.Module:
-    return RecurrentTiny(nn.LSTM, input_shape, num_classes)
+def lstm_tiny(*, input_shape=(28, 28), num_classes=10, hidden: int = 32) -> nn.Module:
+    return RecurrentTiny(nn.LSTM, input_shape, num_classes, hidden)
 
 
 @MODELS.register("gru-tiny")
-def gru_tiny(*, input_shape=(1, 28, 28), num_classes=10) -> nn.Module:
-    return RecurrentTiny(nn.GRU, input_shape, num_classes)
+def gru_tiny(*, input_shape=(28, 28), num_classes=10, hidden: int = 32) -> nn.Module:
+    return RecurrentTiny(nn.GRU, input_shape, num_classes, hidden)
 
 
 class AttentionTiny(nn.Module):
     def __init__(self, input_shape, num_classes, dim=32, heads=4):
         super().__init__()
-        c, h, w = input_shape
-        self.embed = nn.Linear(c * w, dim)
-        self.pos = nn.Parameter(torch.zeros(h, dim))
+        steps, features = input_shape[0], sequence_features("attention-tiny", input_shape)
+        self.embed = nn.Linear(features, dim)
+        self.pos = nn.Parameter(torch.zeros(steps, dim))
         self.encoder = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=64, dropout=0.0, batch_first=True)
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, x):  # (B, C, H, W)
-        seq = self.embed(x.permute(0, 2, 1, 3).flatten(2)) + self.pos  # (B, H, dim)
+    def forward(self, x):  # (B, T, F)
+        seq = self.embed(x) + self.pos  # (B, T, dim)
         return self.head(self.encoder(seq).mean(dim=1))
 
 
 @MODELS.register("attention-tiny")
-def attention_tiny(*, input_shape=(1, 28, 28), num_classes=10) -> nn.Module:
-    return AttentionTiny(input_shape, num_classes)
+def attention_tiny(*, input_shape=(28, 28), num_classes=10, dim: int = 32, heads: int = 4) -> nn.Module:
+    return AttentionTiny(input_shape, num_classes, dim, heads)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..errors import SparsetrainError
-from . import MODELS
+from .registry import MODELS
 
 POOL = "M"
 SMALL = (16, 16, POOL, 32, 32, POOL, 64, 64, POOL)

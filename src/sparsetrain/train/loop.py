@@ -1,12 +1,26 @@
 """The one training loop. It knows nothing of masks beyond an after-backward / after-step hook.
 
-    >>> from sparsetrain import RunConfig, create_loaders, create_model, train  # doctest: +SKIP
-    >>> result = train(model, loaders, TrainConfig(iterations=1000), hooks=[GradientMask(model, mask)])
+    >>> import torch
+    >>> from sparsetrain import TrainConfig, create_loaders, create_model, train
+    >>> loaders = create_loaders("synthetic", batch_size=50)
+    >>> model = create_model("mlp-tiny")
+    >>> result = train(model, loaders, TrainConfig(iterations=20, val_every=10), progress=False)
+    >>> result.status, result.steps
+    ('finished', 20)
 
 Resumable: with ``checkpoint_path`` the loop saves model, optimizer, schedule, best-validation
 state and RNG every ``checkpoint_every`` iterations, and starts from that file when it exists;
 the batches come from a stream indexed by iteration, so a resumed run ends bit for bit where an
 uninterrupted one would (on CPU).
+
+Batches are ``(inputs, targets)`` pairs or dicts for ``model(**batch)`` (Hugging Face style, the
+loss then being the output's ``loss``): :mod:`sparsetrain.batches`. A model whose outputs have no
+logits is evaluated by its loss alone (its errors are ``None``).
+
+Callbacks (:class:`Callback`) see every step's loss and every evaluation, and stop the run by
+returning a reason (:class:`StopAtGoal` stops at a goal validation error: status ``"stopped"``).
+A diverged run (NaN/inf loss) raises, or with ``on_diverge="infeasible"`` ends with status
+``"infeasible"`` (studies count it instead of failing).
 """
 
 from __future__ import annotations
@@ -23,14 +37,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..batches import batch_size_of, forward_loss, logits_of, targets_of
 from ..config import TrainConfig
 from ..errors import SparsetrainError
 from .optim import build_optimizer, build_schedule, total_iterations
+
+# How a training run ended (the run store records the same words).
+FINISHED, STOPPED, INFEASIBLE = "finished", "stopped", "infeasible"
+DIVERGE_CHOICES = ("raise", INFEASIBLE)
 
 
 class Hook(Protocol):
     def after_backward(self) -> None: ...
     def after_step(self) -> None: ...
+
+
+class Callback:
+    """Sees the run as it goes; a method returning a non-empty string stops the run after this
+    step, the string being the reason. ``loss`` is the step's loss tensor (reading it with
+    ``float()`` synchronises with the device: do it only when needed)."""
+
+    def on_step(self, step: int, loss: torch.Tensor) -> str | None:
+        return None
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> str | None:
+        return None
+
+
+class StopAtGoal(Callback):
+    """Stop at the first validation check whose error is at most ``goal`` (steps-to-result)."""
+
+    def __init__(self, goal: float, metric: str = "val_error"):
+        self.goal, self.metric = goal, metric
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> str | None:
+        value = metrics.get(self.metric)
+        if value is not None and value <= self.goal:
+            return f"{self.metric} {value:.4g} <= goal {self.goal:g} at iteration {step}"
+        return None
 
 
 @dataclass
@@ -44,9 +88,13 @@ class TrainResult:
     min_test_error: float | None  # the original's protocol: min over periodic test checks
     seconds: float
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    status: str = FINISHED  # FINISHED, STOPPED (a callback's reason) or INFEASIBLE (diverged)
+    stop_reason: str | None = None
 
     def as_results(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "curves"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("curves", "status", "stop_reason")}
+        if self.status != FINISHED:
+            out["status"], out["stop_reason"] = self.status, self.stop_reason
         out["test_error_final"] = out.pop("final_test_error")
         out["test_error_best_val"] = out.pop("best_val_test_error")
         out["test_error_min_over_checks"] = out.pop("min_test_error")
@@ -60,18 +108,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn=F.cross_entropy) -> tuple[float, float]:
-    """(error, mean loss) of ``model`` over ``loader``, in inference mode."""
+def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float | None, float]:
+    """(error, mean loss) of ``model`` over ``loader``, in inference mode. The error is ``None``
+    for a model whose outputs have no logits (judged by its loss alone)."""
     was_training = model.training
     model.eval()
     wrong, loss_sum, n = 0, 0.0, 0
-    for x, y in loader:
-        out = model(x)
-        loss_sum += float(loss_fn(out, y, reduction="sum"))
-        wrong += int((out.argmax(1) != y).sum())
-        n += y.numel()
+    judged = True
+    for batch in loader:
+        size = batch_size_of(batch)
+        if loss_fn is None and not isinstance(batch, dict):  # summed exactly as the mean would weigh it
+            x, y = batch
+            out = model(x)
+            logits = logits_of(out)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        else:
+            loss, out = forward_loss(model, batch, loss_fn)
+            loss_sum += float(loss) * size
+            logits = logits_of(out)
+        y = targets_of(batch)
+        if logits is None or y is None:
+            judged = False
+        else:
+            wrong += int((logits.argmax(-1) != y).sum())
+        n += size
     model.train(was_training)
-    return wrong / n, loss_sum / n
+    return (wrong / n if judged else None), loss_sum / n
 
 
 def train(
@@ -84,14 +146,20 @@ def train(
     checkpoint_path: str | Path | None = None,
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
-    loss_fn=F.cross_entropy,
+    loss_fn=None,
     postfix: dict[str, str] | None = None,
+    callbacks: list[Callback] = (),
 ) -> TrainResult:
     """Train ``model`` on ``loaders.train`` for ``cfg``'s length; evaluate on ``loaders.val``
     every ``cfg.val_every`` iterations and on ``loaders.test`` at the end (final model and best
-    validation checkpoint). ``on_metrics(step, {...})`` receives every measured value."""
+    validation checkpoint). ``on_metrics(step, {...})`` receives every measured value.
+    ``loss_fn(logits, targets)``: default cross-entropy (dict batches: the model's own loss).
+    ``cfg.goal_error`` > 0 adds :class:`StopAtGoal`; ``cfg.on_diverge`` says what a NaN loss does."""
     from ..state_io import load_state, save_state
 
+    if cfg.on_diverge not in DIVERGE_CHOICES:
+        raise SparsetrainError(f"on_diverge must be one of {', '.join(DIVERGE_CHOICES)}, got {cfg.on_diverge!r}")
+    callbacks = list(callbacks) + ([StopAtGoal(cfg.goal_error)] if cfg.goal_error > 0 else [])
     total = total_iterations(cfg, loaders.train.steps_per_epoch)
     optimizer = build_optimizer(model.parameters(), cfg)
     schedule = build_schedule(optimizer, cfg, total)
@@ -116,11 +184,11 @@ def train(
     running = _Running()
     model.train()
     stream = loaders.train.iter_from(state.step)
+    status, reason, end = FINISHED, None, total
     for step in range(state.step + 1, total + 1):
-        x, y = next(stream)
+        batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = loss_fn(out, y)
+        loss, out = forward_loss(model, batch, loss_fn)
         loss.backward()
         for h in hooks:
             h.after_backward()
@@ -128,33 +196,54 @@ def train(
         for h in hooks:
             h.after_step()
         schedule.step()
-        running.add(loss.detach(), (out.detach().argmax(1) != y).sum(), y.numel())
+        running.add(loss.detach(), logits_of(out), targets_of(batch), batch_size_of(batch))
+        stops = [c.on_step(step, loss.detach()) for c in callbacks]
 
-        if step % 50 == 0 or step == total:
+        last = step == total
+        if step % 50 == 0 or last:
             train_loss, train_error = running.pop()
             if not math.isfinite(train_loss):
-                raise SparsetrainError(
-                    f"training diverged at iteration {step}: the loss is {train_loss}. The last "
-                    "checkpoint is kept; lower the learning rate or check the data for NaN/inf."
-                )
-            record(step, {"train_loss": train_loss, "train_error": train_error, "lr": schedule.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{1 - train_error:.3f}", **(postfix or {}))
+                if cfg.on_diverge != INFEASIBLE:
+                    raise SparsetrainError(
+                        f"training diverged at iteration {step}: the loss is {train_loss}. The last "
+                        "checkpoint is kept; lower the learning rate or check the data for NaN/inf."
+                    )
+                record(step, {"train_loss": train_loss})
+                status, reason, end = INFEASIBLE, f"the training loss is {train_loss} at iteration {step}", step
+                break
+            values = {"train_loss": train_loss, "lr": schedule.get_last_lr()[0]}
+            if train_error is not None:
+                values["train_error"] = train_error
+            record(step, values)
+            shown = {"loss": f"{train_loss:.3f}"} | ({"acc": f"{1 - train_error:.3f}"} if train_error is not None else {})
+            bar.set_postfix(**shown, **(postfix or {}))
             bar.update(step - bar.n)
-        if loaders.val is not None and (step == total or (cfg.val_every and step % cfg.val_every == 0)):
+        if loaders.val is not None and (last or (cfg.val_every and step % cfg.val_every == 0)):
             val_error, val_loss = evaluate(model, loaders.val, loss_fn)
-            record(step, {"val_error": val_error, "val_loss": val_loss})
-            state.consider_best(step, val_error, model)
-        if cfg.test_every and step % cfg.test_every == 0 and step != total:
-            test_error, _ = evaluate(model, loaders.test, loss_fn)
-            record(step, {"test_error": test_error})
-            state.min_test_error = min(state.min_test_error, test_error)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
+            metrics = {"val_error": val_error, "val_loss": val_loss}
+            record(step, {k: v for k, v in metrics.items() if v is not None})
+            state.consider_best(step, val_loss if val_error is None else val_error, model)
+            stops += [c.on_eval(step, metrics) for c in callbacks]
+        if cfg.test_every and step % cfg.test_every == 0 and not last:
+            test_error, test_loss = evaluate(model, loaders.test, loss_fn)
+            record(step, {"test_error": test_error} if test_error is not None else {"test_loss": test_loss})
+            state.min_test_error = min(state.min_test_error, test_loss if test_error is None else test_error)
+        reason = next((r for r in stops if r), None)
+        if reason:
+            status, end = STOPPED, step
+            break
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
             state.seconds = time.perf_counter() - started
             checkpoint(step)
     bar.close()
 
+    if status == INFEASIBLE:  # nothing to test: the weights are not finite
+        state.seconds = time.perf_counter() - started
+        return TrainResult(steps=end, final_test_error=None, final_val_error=None, best_val_step=state.best_step,
+                           best_val_error=state.best_val_error, best_val_test_error=None, min_test_error=None,
+                           seconds=state.seconds, curves=curves, status=status, stop_reason=reason)
     final_test, final_loss = evaluate(model, loaders.test, loss_fn)
-    record(total, {"test_error": final_test, "test_loss": final_loss})
+    record(end, {k: v for k, v in {"test_error": final_test, "test_loss": final_loss}.items() if v is not None})
     best_test = None
     if state.best_model is not None:
         final_weights = copy.deepcopy(model.state_dict())
@@ -162,11 +251,11 @@ def train(
         best_test, _ = evaluate(model, loaders.test, loss_fn)
         model.load_state_dict(final_weights)
     state.seconds = time.perf_counter() - started
-    checkpoint(total)
-    min_test = min(state.min_test_error, final_test) if cfg.test_every else None
+    checkpoint(end)
+    min_test = min(state.min_test_error, final_test) if cfg.test_every and final_test is not None else None
     last_val = curves.get("val_error", [(None, None)])[-1][1]
     return TrainResult(
-        steps=total,
+        steps=end,
         final_test_error=final_test,
         final_val_error=last_val,
         best_val_step=state.best_step,
@@ -175,23 +264,29 @@ def train(
         min_test_error=min_test,
         seconds=state.seconds,
         curves=curves,
+        status=status,
+        stop_reason=reason,
     )
 
 
 class _Running:
-    """Training loss and error summed on the device, read (one sync) every 50 iterations."""
+    """Training loss and error summed on the device, read (one sync) every 50 iterations; the
+    error is None for outputs without logits or batches without targets."""
 
     def __init__(self):
-        self.loss, self.wrong, self.n, self.batches = 0.0, 0, 0, 0
+        self.loss, self.wrong, self.n, self.batches, self.judged = 0.0, 0, 0, 0, True
 
-    def add(self, loss: torch.Tensor, wrong: torch.Tensor, n: int) -> None:
+    def add(self, loss: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor | None, n: int) -> None:
         self.loss = loss + self.loss
-        self.wrong = wrong + self.wrong
+        if logits is None or targets is None:
+            self.judged = False
+        else:
+            self.wrong = (logits.detach().argmax(-1) != targets).sum() + self.wrong
         self.n += n
         self.batches += 1
 
-    def pop(self) -> tuple[float, float]:
-        out = float(self.loss) / max(self.batches, 1), float(self.wrong) / max(self.n, 1)
+    def pop(self) -> tuple[float, float | None]:
+        out = float(self.loss) / max(self.batches, 1), (float(self.wrong) / max(self.n, 1) if self.judged else None)
         self.__init__()
         return out
 

@@ -1,0 +1,231 @@
+"""The one pipeline: build (data, model, init) -> find the mask -> initialise under the mask -> train.
+
+Every path that trains a network goes through these stages: :func:`sparsetrain.run` (and so
+``sparsetrain run`` and ``sparsetrain train --mask``), ``sparsetrain prune`` (the first two
+stages) and every experiment. Each stage is a function of the config and the previous stage's
+output, so a new kind of run (a study trial, a pruning round, a rewind) is a new arrangement of
+the same stages, never a copy of them.
+
+    >>> from sparsetrain import RunConfig
+    >>> from sparsetrain.pipeline import build, find_mask, init_under_mask
+    >>> config = RunConfig(model="mlp-tiny", dataset="synthetic").replace(prune={"sparsity": 0.9})
+    >>> built = build(config, device="cpu")
+    >>> mask = find_mask(config, built)
+    >>> model, hooks = init_under_mask(config, built, mask)
+    >>> round(float((model[1].weight == 0).float().mean()), 1)
+    0.9
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .config import RunConfig, TrainConfig
+from .data import DATASETS, Loaders, create_loaders, dataset_args
+from .errors import SparsetrainError
+from .init import INITS, initialize_
+from .masks import GradientMask, Mask, apply_mask_, mask_summary
+from .models import MODELS, check_model_args, create_model
+from .pruning import METHODS, method_options, prune_at_init
+from .pruning.select import SCOPES, check_sparsity
+from .pruning.structured import parse_structure, structured_sparsity
+from .train.loop import DIVERGE_CHOICES, Callback, TrainResult, resolve_device, train
+from .train.optim import OPTIMIZERS, SCHEDULES
+
+DENSE = "dense"  # the method name for the unpruned reference network
+EXECUTIONS = ("dense", "sparse")  # TrainConfig.execution
+ROUND_SCHEDULES = ("exponential", "linear")
+
+#: Where the values of a config field named with ``registry=`` come from: the CLI's choices and
+#: the validation below both read this one table.
+CHOICES: dict[str, Callable[[], list[str]]] = {
+    "model": MODELS.list,
+    "dataset": DATASETS.list,
+    "init": INITS.list,
+    "method": lambda: METHODS.list() + [DENSE],
+    "optimizer": OPTIMIZERS.list,
+    "schedule": SCHEDULES.list,
+    "scope": lambda: list(SCOPES),
+    "execution": lambda: list(EXECUTIONS),
+    "on_diverge": lambda: list(DIVERGE_CHOICES),
+}
+
+
+@dataclass
+class Built:
+    """The first stage's output: the data, the initialised model and the device."""
+
+    config: RunConfig
+    loaders: Loaders
+    model: nn.Module
+    device: torch.device
+
+
+def validate(config: RunConfig, training: bool = True) -> None:
+    """Fail fast, before any data is read, on names and values that cannot work: registry names
+    (with close matches), the model's, data set's and method's own arguments, numbers out of
+    range."""
+    MODELS.get(config.model)
+    DATASETS.get(config.dataset)
+    INITS.get(config.init)
+    check_model_args(config.model, config.model_args)
+    dataset_args(config.dataset, config.data_args)
+    p, t = config.prune, config.train
+    if p.method != DENSE:
+        METHODS.get(p.method)
+        method_options(p.method, p.options)
+        structure = parse_structure(p.structure)
+        if structure is None:
+            check_sparsity(p.sparsity)
+        else:
+            structured_sparsity(structure, p.sparsity)  # N:M fixes it at 1 - N/M
+    elif p.options:
+        raise SparsetrainError("method 'dense' prunes nothing and takes no options; remove [prune.options]")
+    if p.reinit:
+        INITS.get(p.reinit)
+    if p.scope not in SCOPES:
+        raise SparsetrainError(f"unknown scope {p.scope!r}; choose one of {', '.join(SCOPES)}")
+    if p.batches < 0:
+        raise SparsetrainError("prune.batches must be >= 0 (0 scores the whole training split)")
+    if p.rounds < 1:
+        raise SparsetrainError(f"prune.rounds must be at least 1, got {p.rounds}")
+    if p.round_schedule not in ROUND_SCHEDULES:
+        raise SparsetrainError(f"unknown prune.round_schedule {p.round_schedule!r}; choose one of {', '.join(ROUND_SCHEDULES)}")
+    if training:
+        validate_training(t)
+
+
+def validate_training(t: TrainConfig) -> None:
+    """The training settings' names and ranges."""
+    if (t.iterations > 0) == (t.epochs > 0):
+        raise SparsetrainError(
+            "give the training length as exactly one of train.iterations or train.epochs "
+            f"(got iterations={t.iterations}, epochs={t.epochs})"
+        )
+    OPTIMIZERS.get(t.optimizer)
+    SCHEDULES.get(t.schedule)
+    if t.execution not in EXECUTIONS:
+        raise SparsetrainError(
+            f"unknown execution {t.execution!r}; choose one of {', '.join(EXECUTIONS)} "
+            "(sparse: pruned Linear layers compute on their kept weights only)"
+        )
+    if t.on_diverge not in DIVERGE_CHOICES:
+        raise SparsetrainError(f"unknown on_diverge {t.on_diverge!r}; choose one of {', '.join(DIVERGE_CHOICES)}")
+    if not 0.0 <= t.goal_error < 1.0:
+        raise SparsetrainError(f"goal_error must be in [0, 1) (0: no goal), got {t.goal_error}")
+
+
+# --- stage 1: build ------------------------------------------------------------------------------
+
+def build(config: RunConfig, *, data_dir: str | Path | None = None, device: str | torch.device | None = None,
+          download: bool = True) -> Built:
+    """The data (with the config's ``data_args``), the model built for it (with ``model_args``)
+    and initialised with ``config.init`` from ``config.seed``."""
+    device = resolve_device(device)
+    t = config.train
+    loaders = create_loaders(
+        config.dataset, batch_size=t.batch_size, data_dir=data_dir, download=download,
+        val_fraction=t.val_fraction, split_seed=t.split_seed, shuffle_seed=config.seed, device=device,
+        data_args=config.data_args,
+    )
+    model = create_model(config.model, input_shape=loaders.input_shape, num_classes=loaders.num_classes,
+                         **config.model_args).to(device)
+    initialize_(model, config.init, config.seed)
+    return Built(config, loaders, model, device)
+
+
+# --- stage 2: find the mask ------------------------------------------------------------------------
+
+def pruning_batches(loaders: Loaders, count: int):
+    """The first ``count`` training batches, or one whole epoch of the training split for 0."""
+    stream = loaders.train.iter_from(0)
+    n = loaders.train.steps_per_epoch if count == 0 else count
+    return (next(stream) for _ in range(n))
+
+
+def find_mask(config: RunConfig, built: Built) -> Mask | None:
+    """The mask of ``config.prune`` for the built model (None for ``method = "dense"``); the
+    model is not changed."""
+    p = config.prune
+    if p.method == DENSE:
+        return None
+    data_free = getattr(METHODS.get(p.method), "data_free", False)
+    return prune_at_init(
+        built.model,
+        p.method,
+        sparsity=p.sparsity,
+        batches=None if data_free else pruning_batches(built.loaders, p.batches),
+        include_biases=p.include_biases,
+        exclude=list(p.exclude) or None,
+        scope=p.scope,
+        seed=config.seed,
+        structure=p.structure,
+        options=p.options or None,
+        rounds=p.rounds,
+        schedule=p.round_schedule,
+    )
+
+
+# --- stage 3: initialise under the mask -----------------------------------------------------------
+
+def init_under_mask(config: RunConfig, built: Built, mask: Mask | None) -> tuple[nn.Module, list]:
+    """The model that trains and its hooks: a fresh draw of ``prune.reinit`` if set (snip-public
+    trains another set of weights than it scored), the mask applied, and either a
+    :class:`GradientMask` (dense execution) or the pruned Linear layers swapped for sparse ones
+    (``train.execution = "sparse"``; the other masked parameters keep a GradientMask)."""
+    model = built.model
+    if config.prune.reinit:
+        initialize_(model, config.prune.reinit, config.seed + 1)  # snip-public's separate weights
+    if mask is None:
+        return model, []
+    mask = {n: m.to(built.device) for n, m in mask.items()}
+    apply_mask_(model, mask)
+    if config.train.execution == "sparse":
+        from .sparse.training import sparsify_for_training_
+
+        model = sparsify_for_training_(model, mask)
+        remaining = dict(model.named_parameters())
+        mask = {n: m for n, m in mask.items() if n in remaining}
+    return model, ([GradientMask(model, mask)] if mask else [])
+
+
+# --- stage 4: train ---------------------------------------------------------------------------------
+
+def train_stage(config: RunConfig, built: Built, model: nn.Module, hooks: list, mask: Mask | None, *,
+                checkpoint_path: str | Path | None = None,
+                on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+                progress: bool = True, callbacks: list[Callback] = ()) -> TrainResult:
+    """Train ``model`` as ``config.train`` says, resumable from ``checkpoint_path``."""
+    sparsity = overall(mask)
+    return train(model, built.loaders, config.train, hooks=hooks, seed=config.seed, checkpoint_path=checkpoint_path,
+                 on_metrics=on_metrics, progress=progress, postfix={"sparsity": f"{sparsity:.3f}"},
+                 callbacks=callbacks)
+
+
+def overall(mask: Mask | None) -> float:
+    """The fraction of the masked entries that are pruned (0 without a mask)."""
+    if mask is None:
+        return 0.0
+    total = sum(m.numel() for m in mask.values())
+    return 1.0 - sum(int(m.sum()) for m in mask.values()) / total if total else 0.0
+
+
+def layer_table(mask: Mask | None, model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per masked parameter: shape, kept, total, sparsity; then the parameters the mask left out
+    (dense), each with the reason in ``left_out``."""
+    params = dict(model.named_parameters())
+    if mask is None:
+        return {n: {"shape": list(p.shape), "kept": p.numel(), "total": p.numel(), "sparsity": 0.0}
+                for n, p in params.items()}
+    table = {r.name: {"shape": list(r.shape), "kept": r.kept, "total": r.total, "sparsity": r.sparsity}
+             for r in mask_summary(mask)}
+    for name, why in (getattr(mask, "left_out", None) or {}).items():
+        if name not in table and name in params:
+            n = params[name].numel()
+            table[name] = {"shape": list(params[name].shape), "kept": n, "total": n, "sparsity": 0.0, "left_out": why}
+    return table
