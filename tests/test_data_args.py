@@ -198,3 +198,43 @@ def test_real_mnist_mean_std_are_the_scalar_statistics(shared_datasets):
     std, mean = (float(v) for v in torch.std_mean(pixels, correction=0))
     assert (loaders.mean, loaders.std) == (mean, std)
     assert loaders.args == dataset_args("mnist")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward compatibility: today's loaders, batch for batch
+
+
+def todays_loaders(raw, batch_size, val_fraction, split_seed, shuffle_seed):
+    """The recipe create_loaders followed before args, views and channels, written out."""
+    from sparsetrain.data import EvalLoader, TrainStream, split_train_val
+
+    train_x = raw.train_x.to(torch.float32).div_(255) if raw.train_x.dtype == torch.uint8 else raw.train_x.clone()
+    test_x = raw.test_x.to(torch.float32).div_(255) if raw.test_x.dtype == torch.uint8 else raw.test_x.clone()
+    std, mean = (float(v) for v in torch.std_mean(train_x, correction=0))
+    for x in (train_x, test_x):
+        x.sub_(mean).div_(std)
+    (tr_x, tr_y), val = split_train_val(train_x, raw.train_y, val_fraction, split_seed)
+    train = TrainStream(tr_x, tr_y, batch_size, seed=shuffle_seed)
+    return train, EvalLoader(*val, 1000), EvalLoader(test_x, raw.test_y, 1000), mean, std
+
+
+def assert_same_as_today(name, data_dir=None):
+    kwargs = dict(batch_size=100, val_fraction=0.1, split_seed=3, shuffle_seed=5)
+    loaders = create_loaders(name, data_dir=data_dir, download=False, **kwargs)
+    raw = load_dataset(name, data_dir, download=False)
+    train, val, test, mean, std = todays_loaders(raw, **kwargs)
+    assert (loaders.mean, loaders.std) == (mean, std)
+    steps = train.steps_per_epoch
+    for step in (0, 1, steps - 1, steps, 3 * steps + 7):
+        (x, y), (xo, yo) = loaders.train.batch(step), train.batch(step)
+        assert torch.equal(x, xo) and torch.equal(y, yo)
+    for new, old in ((loaders.val, val), (loaders.test, test)):
+        assert torch.equal(new.x, old.x) and torch.equal(new.y, old.y)
+
+
+def test_synthetic_loaders_are_todays_bit_for_bit():
+    assert_same_as_today("synthetic")
+
+
+def test_real_mnist_loaders_are_todays_bit_for_bit(shared_datasets):
+    assert_same_as_today("mnist", shared_datasets)

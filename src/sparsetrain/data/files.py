@@ -375,8 +375,13 @@ def _extract(archive: Path, folder: Path) -> None:
         for entry in sorted(tmp.iterdir()):
             target = folder / entry.name
             if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)  # a partial copy of ours: the archive's is whole and checked
-            os.replace(entry, target)
+                shutil.rmtree(target)  # an incomplete copy: the archive's is whole and checked
+            try:
+                os.replace(entry, target)
+            except OSError:
+                if not target.exists():
+                    raise
+                # Another process extracting the same checked archive placed it first: the same content.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
