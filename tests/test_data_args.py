@@ -238,3 +238,28 @@ def test_synthetic_loaders_are_todays_bit_for_bit():
 
 def test_real_mnist_loaders_are_todays_bit_for_bit(shared_datasets):
     assert_same_as_today("mnist", shared_datasets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for configs and the command line
+
+
+def test_non_default_args_keep_run_keys_stable():
+    from sparsetrain.data import non_default_args
+
+    assert non_default_args(dataset_args("synthetic")) == {}
+    args = dataset_args("synthetic", {"shape": [3, 8, 8], "seed": 0, "view": "rows"})
+    assert non_default_args(args) == {"shape": [3, 8, 8], "view": "rows"}
+    assert dataset_args("synthetic", non_default_args(args)) == args
+
+
+def test_parse_assignments_from_flags():
+    from sparsetrain.data import parse_assignments
+
+    values = parse_assignments(["view=pixels", "n_train=50", "shape=[1,4,4]", "seed=3"])
+    assert dataset_args("synthetic", values) == SyntheticArgs(view="pixels", n_train=50, shape=(1, 4, 4), seed=3)
+    assert parse_assignments(["name=a=b"]) == {"name": "a=b"}
+    with pytest.raises(SparsetrainError, match="KEY=VALUE"):
+        parse_assignments(["rows"])
+    with pytest.raises(SparsetrainError, match="must be an int"):
+        dataset_args("synthetic", parse_assignments(["n_train=many"]))

@@ -15,7 +15,7 @@ in ``<root>/<name>/`` with root ``data_dir``, else ``$SPARSETRAIN_DATA``, else
 See docs/data.md.
 """
 
-from .args import AugmentedImageArgs, ImageArgs, describe_args
+from .args import AugmentedImageArgs, ImageArgs, describe_args, non_default_args, parse_assignments
 from .base import (
     DATASETS,
     DatasetSpec,
@@ -59,6 +59,8 @@ __all__ = [
     "load_idx_dataset",
     "locate_files",
     "make_synthetic",
+    "non_default_args",
+    "parse_assignments",
     "preprocess",
     "read_idx",
     "register_dataset",

@@ -23,6 +23,7 @@ Shared bases, so that data sets of one kind take the same arguments:
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +102,41 @@ def build_args(cls: type, values: Any, owner: str) -> Any:
             raise SparsetrainError(f"unknown data arg {key!r} for data set {owner!r}; valid data args: {valid}")
         converted[key] = _convert(value, hints[key], key, owner)
     return cls(**converted)
+
+
+def non_default_args(args: Any) -> dict[str, Any]:
+    """The fields of args instance ``args`` that differ from their defaults, JSON-ready (tuples as
+    lists): what a run key should hold, so that adding an argument with a default changes no key.
+
+    >>> non_default_args(ImageArgs()), non_default_args(ImageArgs(view="pixels"))
+    ({}, {'view': 'pixels'})
+    """
+    out = {}
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if value != f.default:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` (command-line flags) as a dict of values: each value is read as JSON
+    when it is valid JSON (``4``, ``true``, ``[3, 32, 32]``), else kept as a string (``rows``).
+    Check the result with ``dataset_args``.
+
+    >>> parse_assignments(["view=rows", "random_crop=4", "flip=true", "shape=[3, 8, 8]"])
+    {'view': 'rows', 'random_crop': 4, 'flip': True, 'shape': [3, 8, 8]}
+    """
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SparsetrainError(f"a data arg is written KEY=VALUE (e.g. view=rows), got {item!r}")
+        try:
+            values[key.strip()] = json.loads(text)
+        except ValueError:
+            values[key.strip()] = text
+    return values
 
 
 def describe_args(cls: type) -> list[tuple[str, str, Any, str]]:
