@@ -8,6 +8,7 @@ from torch.func import functional_call
 
 from sparsetrain import SparsetrainError, create_model, list_methods, list_models, prune_at_init
 from sparsetrain.masks import prunable_parameters
+from sparsetrain.models import default_input_shape
 from sparsetrain.pruning import connection_sensitivity, select_top
 from sparsetrain.pruning.select import kept_count
 
@@ -40,7 +41,7 @@ def oracle_sensitivity(model, names, batches):
 def test_snip_scores_equal_the_mask_gradient(name, include_biases):
     torch.manual_seed(0)
     model = create_model(name).double()
-    x, y = batch()
+    x, y = batch(shape=default_input_shape(name))  # images (C, H, W) or sequences (T, F)
     x = x.double()
     params = prunable_parameters(model, include_biases)
     ours = connection_sensitivity(model, params, [(x, y)], F.cross_entropy)
