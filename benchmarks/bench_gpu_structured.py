@@ -14,12 +14,13 @@ Masks: SNIP (``prune_at_init(..., "snip", structure=...)``), scored once in floa
 from the layer's random initial weights and one random batch (``--score-batch`` rows, labels drawn
 from the ``features`` outputs, cross-entropy); the same initial weights are then cast to each dtype.
 
-Timing: each op is captured in a CUDA graph (``torch.cuda.CUDAGraph``) after ``--warmup`` calls on a
-side stream (first-call work such as Triton compilation and cuSPARSELt plans stays out of the
-graph); the graphs are then replayed in interleaved rounds (dense, 2:4, block; the order reversed
-every other round), ``--inner`` replays between two CUDA events per measurement, ``--replays``
-rounds. Reported: median seconds per call, and the speed-up as the median over rounds of
-(dense / sparse of the same round). If an op cannot be captured, it is timed eagerly the same way
+Timing (``sparsetrain.measure``): each op is captured in a CUDA graph (``capture_cuda_graph``) after
+``--warmup`` calls on a side stream (first-call work such as Triton compilation and cuSPARSELt
+plans stays out of the graph); the graphs are then replayed in interleaved rounds
+(``time_interleaved(..., clock="cuda")``: dense, 2:4, block, the order reversed every other
+round), ``--inner`` replays between two CUDA events per measurement, ``--replays`` rounds.
+Reported: median seconds per call, and the speed-up ``ratio("dense", sparse)``, the median over
+rounds of (dense / sparse of the same round). If an op cannot be captured, it is timed eagerly the same way
 and the table says so. Correctness: each sparse output (from its graph) against ``F.linear`` with
 the masked dense weight in the same dtype, as a relative error (Frobenius norms) with a tolerance
 of 1e-2 (float16) / 3e-2 (bfloat16).
@@ -34,13 +35,7 @@ the dense masked layer, 2 without a CUDA GPU (with a message, before any work).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
-import statistics
 import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -48,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsetrain as st
+from sparsetrain.measure import Provenance, Timings, capture_cuda_graph, time_interleaved, write_report
 from sparsetrain.sparse.block import (
     BlockMatrix,
     SparseBlockLinear,
@@ -116,49 +112,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def paired_speedup(samples: dict[str, list[float]], name: str, ref: str = "dense") -> float:
-    """Median over rounds of (time of ``ref`` / time of ``name``) in the same round."""
-    return statistics.median(r / s for r, s in zip(samples[ref], samples[name]))
-
-
 # ----------------------------------------------------------------------------- timing (CUDA)
 
 
-def capture(fn: Callable[[], torch.Tensor], warmup: int) -> tuple[Callable[[], object], torch.Tensor, str]:
-    """``fn`` as a CUDA-graph replay (``(replay, static output, "graph")``), after ``warmup`` eager
-    calls on a side stream; if capture fails, the eager call itself (``"eager (...)"``)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            out = fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            out = fn()
-    except Exception as exc:  # report and time eagerly rather than lose the row
-        torch.cuda.synchronize()
-        out = fn()
-        return fn, out, f"eager (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
-    return graph.replay, out, "graph"
-
-
-def time_interleaved(runs: dict[str, Callable[[], object]], replays: int, inner: int) -> dict[str, list[float]]:
-    """Seconds per call of each run, ``replays`` rounds, each run ``inner`` times between two events."""
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    names = list(runs)
-    for r in range(replays):
-        for k in names if r % 2 == 0 else names[::-1]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                runs[k]()
-            end.record()
-            end.synchronize()
-            samples[k].append(start.elapsed_time(end) / 1e3 / inner)
-    return samples
+def time_graphs(replays: dict[str, Callable[[], object]], rounds: int, inner: int) -> Timings:
+    """Seconds per call of each replay: ``rounds`` interleaved rounds, each replay ``inner`` times
+    between two CUDA events (``sparsetrain.measure.time_interleaved`` with ``clock="cuda"``)."""
+    return time_interleaved(replays, rounds=rounds, warmup=1, number=inner, clock="cuda", gc_every=0)
 
 
 def bench_one(layer: nn.Linear, masks: dict[str, torch.Tensor], dtype_name: str, tokens: int, args) -> dict:
@@ -187,16 +147,16 @@ def bench_one(layer: nn.Linear, masks: dict[str, torch.Tensor], dtype_name: str,
         replays, outs = {}, {}
         for name, fn in ops.items():
             try:
-                replays[name], outs[name], row["mode"][name] = capture(fn, args.warmup)
+                replays[name], outs[name], row["mode"][name] = capture_cuda_graph(fn, args.warmup)
             except Exception as exc:  # a kernel this build or GPU lacks: the row says so
                 row["error"][name] = f"{type(exc).__name__}: {str(exc)[:200]}"
         if "dense" not in replays:
             raise RuntimeError(f"dense F.linear failed: {row['error'].get('dense')}")
-        samples = time_interleaved(replays, args.replays, args.inner)
+        t = time_graphs(replays, args.replays, args.inner)
         for name in replays:
-            row[f"{name}_s"] = statistics.median(samples[name])
+            row[f"{name}_s"] = t.median(name)
             if name != "dense":
-                row[f"{name}_speedup"] = paired_speedup(samples, name)
+                row[f"{name}_speedup"] = t.ratio("dense", name)
                 row["rel_err"][name] = rel_err(outs[name], refs[name])
     row["ok"] = all(e <= TOLERANCE[dtype_name] for e in row["rel_err"].values())
     return row
@@ -222,14 +182,12 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# 2:4 semi-structured and block-sparse Linear on GPU",
         "",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
-        f"- GPU: {meta['gpu']}; torch {meta['torch']}, CUDA {meta['cuda']}; {meta['host']}",
+        f"- GPU: {meta['gpu']}, CUDA {meta['cuda']} (machine, command, date: at the end)",
         f"- layer: {meta['features']} x {meta['features']} Linear with bias, forward; masks: SNIP on random init and "
         f"one random batch of {meta['score_batch']}: 2:4, and {meta['block']}x{meta['block']} blocks at "
         f"{meta['block_sparsity']:.0%} block sparsity ({meta['block_density']:.2%} of weights kept)",
         f"- timing: CUDA graphs, {meta['replays']} interleaved rounds x {meta['inner']} replays, medians; speed-up = "
-        "median of per-round dense/sparse ratios; targets: 2:4 >= "
+        "ratio(dense, sparse), the median of per-round dense/sparse ratios; targets: 2:4 >= "
         f"{TARGETS['2:4']}x, block >= {TARGETS['block']}x",
         "",
         "| dtype | tokens | dense ms | 2:4 ms | 2:4 speed-up | 2:4 target | block ms | block speed-up | block target "
@@ -251,23 +209,13 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(text: str, data: dict, out: str) -> None:
-    print(text)
-    if out in ("", "-"):
-        return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    print(f"written to {path} and {path.with_suffix('.json')}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print(NO_CUDA_MESSAGE.format(version=torch.__version__), file=sys.stderr)
         return 2
     argv = sys.argv[1:] if argv is None else argv
+    provenance = Provenance.now(["python", "benchmarks/bench_gpu_structured.py", *argv])
     print(f"scoring SNIP masks for a {args.features}x{args.features} layer on the CPU ...", file=sys.stderr)
     layer, masks = snip_layer_and_masks(args.features, args.block, args.block_sparsity, args.score_batch, args.seed)
     rows = []
@@ -276,14 +224,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{dtype_name}, {tokens} tokens ...", file=sys.stderr)
             rows.append(bench_one(layer, masks, dtype_name, tokens, args))
     meta = {
-        "command": shlex.join(["python", "benchmarks/bench_gpu_structured.py", *argv]),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "host": f"{platform.system()} {platform.release()}", "features": args.features, "block": args.block,
+        "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "features": args.features, "block": args.block,
         "block_sparsity": args.block_sparsity, "block_density": float(masks["block"].float().mean()),
         "score_batch": args.score_batch, "replays": args.replays, "inner": args.inner, "targets": TARGETS,
     }
-    write_outputs(to_markdown(rows, meta), {"meta": meta, "rows": rows}, args.out)
+    text = to_markdown(rows, meta)
+    print(text + "\n" + provenance.markdown())
+    if args.out not in ("", "-"):
+        md, js = write_report(args.out, text, {"meta": meta, "rows": rows}, provenance=provenance)
+        print(f"written to {md} and {js}", file=sys.stderr)
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -21,16 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import os
-import platform
-import shlex
 import statistics
 import sys
-import time
 import tracemalloc
-from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the profiler's start/stop lines (memory measurement)
@@ -42,44 +37,15 @@ import torch.nn.utils.prune as tprune  # noqa: E402
 
 import sparsetrain  # noqa: E402
 from sparsetrain import GradientMask, apply_mask_, create_model, prune_at_init  # noqa: E402
-from sparsetrain.machine import cpu_model  # noqa: E402
 from sparsetrain.masks import prunable_parameters  # noqa: E402
+from sparsetrain.measure import Provenance, TrainStep, cuda_sync, time_interleaved, write_report  # noqa: E402
 
 TARGETS = {"a": 1.2, "b": 1.0, "c": 1.03}
-LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
 
 # --------------------------------------------------------------------------------------------
 # The measured operations
 # --------------------------------------------------------------------------------------------
-
-
-class Trainer:
-    """One model, its SGD optimizer and the hooks of a training step (as train/loop.py runs it)."""
-
-    def __init__(self, model: nn.Module, hooks=()):
-        self.model = model.train()
-        self.hooks = list(hooks)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        # Restored before every timed step (outside the timing) so that thousands of steps on the
-        # same batch cannot drift towards overflow or denormals.
-        self.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(x), y)
-        loss.backward()
-        for h in self.hooks:
-            h.after_backward()
-        self.optimizer.step()
-        for h in self.hooks:
-            h.after_step()
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        for k, v in self.model.state_dict().items():
-            v.copy_(self.snapshot[k])
-        self.optimizer.zero_grad(set_to_none=True)  # the previous step's gradients are not counted
 
 
 def sparsetrain_prune(model: nn.Module, x, y, sparsity: float):
@@ -114,51 +80,6 @@ def torch_prune_mask(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # Timing and memory
 # --------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    ops: dict[str, tuple[Callable[[], object], Callable[[object], None]]],
-    rounds: int,
-    warmup: int,
-    device: torch.device,
-) -> dict[str, list[float]]:
-    """Seconds per call of each op, ``rounds`` samples each. ``ops[name] = (setup, run)``: setup
-    (untimed) returns the argument of the timed ``run``. The ops run interleaved, one call of
-    each per round, in alternating order (ABC CBA ABC ...), so that slow phases of a noisy machine
-    hit all of them alike. Garbage collection is off while timing."""
-    names = list(ops)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(warmup + rounds):
-            for name in names if r % 2 == 0 else reversed(names):
-                setup, run = ops[name]
-                arg = setup()
-                synchronize(device)
-                t0 = time.perf_counter()
-                run(arg)
-                synchronize(device)
-                if r >= warmup:
-                    samples[name].append(time.perf_counter() - t0)
-                del arg
-            if r % 10 == 9:
-                gc.collect()
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return samples
-
-
-def paired_ratio(samples: dict[str, list[float]], name: str, ref: str) -> float:
-    """Median over rounds of (time of ``name`` / time of ``ref`` in the same round)."""
-    return statistics.median(a / b for a, b in zip(samples[name], samples[ref]))
 
 
 def torch_peak_bytes_cpu(run: Callable[[], object]) -> int:
@@ -197,12 +118,12 @@ def python_peak_bytes(run: Callable[[], object]) -> int:
 
 def cuda_peak_bytes(run: Callable[[], object], device: torch.device) -> int:
     gc.collect()
-    synchronize(device)
+    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device)
     out = run()
     del out
-    synchronize(device)
+    torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - start
 
 
@@ -238,12 +159,12 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     kept = sum(int(m.sum()) for m in mask.values())
     agree = sum(int((mask[n] == tp_mask[n].to(mask[n].device)).sum()) for n in mask) / total
 
-    dense = Trainer(copy.deepcopy(base))
+    dense = TrainStep(copy.deepcopy(base))
     st_model = apply_mask_(copy.deepcopy(base), mask)
-    masked = Trainer(st_model, hooks=[GradientMask(st_model, mask)])
-    baseline = Trainer(tp_model)
+    masked = TrainStep(st_model, hooks=[GradientMask(st_model, mask)])
+    baseline = TrainStep(tp_model)
 
-    def step_op(trainer: Trainer):
+    def step_op(trainer: TrainStep):
         return (trainer.reset, lambda _: trainer.step(x, y))
 
     ops = {
@@ -259,9 +180,12 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     # then paid for (LeNet-5-Caffe's masked step: 1.01x of a dense step alone, 1.02-1.05x in the
     # shared group).
     samples: dict[str, list[float]] = {}
+    ratios: dict[str, float] = {}  # op -> ratio(op, dense step) in its own pair
     for op in ("sparsetrain prune", "sparsetrain masked step", "torch.prune prune", "torch.prune masked step"):
-        timed = time_interleaved({"dense step": ops["dense step"], op: ops[op]}, args.repeats, args.warmup, device)
-        samples[op], samples[f"dense step beside {op}"] = timed[op], timed["dense step"]
+        timed = time_interleaved({"dense step": ops["dense step"], op: ops[op]}, rounds=args.repeats,
+                                 warmup=args.warmup, sync=cuda_sync(device))
+        samples[op], samples[f"dense step beside {op}"] = timed.samples[op], timed.samples["dense step"]
+        ratios[op] = timed.ratio(op, "dense step")
     samples["dense step"] = [t for op in ops if op != "dense step" for t in samples[f"dense step beside {op}"]]
 
     def memory_of(op: str) -> tuple[int, int]:
@@ -292,26 +216,16 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         "mask_agreement": agree,
         "median_ms": {op: 1e3 * statistics.median(s) for op, s in samples.items()},
         "memory": memory,
-        "a": {lib: paired_ratio(samples, f"{lib} prune", f"dense step beside {lib} prune") for lib in ("sparsetrain", "torch.prune")},
+        "a": {lib: ratios[f"{lib} prune"] for lib in ("sparsetrain", "torch.prune")},
         "b": {lib: mem_ratio(f"{lib} prune") for lib in ("sparsetrain", "torch.prune")},
         "b_py": {lib: mem_ratio_bounds(f"{lib} prune") for lib in ("sparsetrain", "torch.prune")},
-        "c": {lib: paired_ratio(samples, f"{lib} masked step", f"dense step beside {lib} masked step") for lib in ("sparsetrain", "torch.prune")},
+        "c": {lib: ratios[f"{lib} masked step"] for lib in ("sparsetrain", "torch.prune")},
     }
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-
-
-def write_output(text: str, out: str) -> None:
-    """Print the report and write it to ``out`` (``""`` or ``"-"``: print only)."""
-    print(text)
-    if out not in ("", "-"):
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"written to {path}", file=sys.stderr)
 
 
 def verdict(value: float, target: float) -> str:
@@ -322,19 +236,15 @@ def bounds_verdict(lo: float, hi: float, target: float) -> str:
     return "PASS" if hi <= target else "MISS" if lo > target else "PASS?"
 
 
-def report(results: list[dict], args, device: torch.device, argv: list[str]) -> str:
+def report(results: list[dict], args, device: torch.device) -> str:
     mb = 1 / 2**20
-    machine = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     lines = [
         "# SNIP pruning benchmark",
         "",
-        f"- command: `{shlex.join(['python', *argv])}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- device: {device.type} ({machine}); CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
-        f"- torch {torch.__version__}, sparsetrain {sparsetrain.__version__}, Python {platform.python_version()}",
+        f"- device: {device.type}; sparsetrain {sparsetrain.__version__} (machine, command, date: at the end)",
         f"- batch {args.batch_size} x (1, 28, 28) random inputs, sparsity {args.sparsity}, "
         f"{args.repeats} timed rounds after {args.warmup} warm-up rounds, seed {args.seed}",
-        "- ratios: time = median over rounds of (op / dense step of the same round), each op timed in "
+        "- ratios: time = ratio(op, dense step), the median over rounds of (op / dense step of the same round), each op timed in "
         "its own interleaved pair with dense steps; memory = peak bytes "
         "allocated by the op / peak bytes allocated by one dense step (parameters, momentum buffers "
         "and the batch exist before both and are not counted)",
@@ -405,12 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
 
+    provenance = Provenance.now(["python", "benchmarks/bench_snip.py", *argv])  # load average before measuring
     results = []
     for name in args.models:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         results.append(bench_model(name, args, device))
-    text = report(results, args, device, ["benchmarks/bench_snip.py", *argv])
-    write_output(text, args.out)
+    text = report(results, args, device)
+    print(text + "\n" + provenance.markdown())
+    if args.out not in ("", "-"):
+        md, js = write_report(args.out, text, {"results": results, "args": vars(args)}, provenance=provenance)
+        print(f"written to {md} and {js}", file=sys.stderr)
     return 0
 
 

@@ -15,9 +15,10 @@ sparse one, with the backward's products timed alone (grad_x, grad of the weight
     python benchmarks/bench_sparse_training.py --threads 1              # prints the Markdown report
     python benchmarks/bench_sparse_training.py --threads 2 --repeats 50 --out docs/results/bench_sparse_training.md
 
-Times are medians over interleaved rounds (each round runs every op once, the order alternating),
-ratios the median over rounds of (op / reference of the same round), so a slow phase of a busy
-machine hits both members of a pair. Pass ``--threads`` with the number of idle cores: OpenMP
+Times are medians over interleaved rounds (``sparsetrain.measure.time_interleaved``: each round
+runs every op once, the order alternating); a speed-up is ``ratio(reference, op)``, the median
+over rounds of (reference / op of the same round), so a slow phase of a busy machine hits both
+members of a pair. The training step is the library's ``sparsetrain.sparse.bench.bench_training_step``. Pass ``--threads`` with the number of idle cores: OpenMP
 kernels with more threads than free cores wait on each other and lose 10x or more. A benchmark,
 not a test: a missed target never fails (exit status 0 unless something breaks).
 """
@@ -25,106 +26,32 @@ not a test: a missed target never fails (exit status 0 unless something breaks).
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
-import platform
-import shlex
-import statistics
 import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 import sparsetrain
-from sparsetrain import GradientMask, apply_mask_, prune_at_init
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_snip, beside this file
-from bench_snip import LR, MOMENTUM, WEIGHT_DECAY  # noqa: E402
-from bench_snip import Trainer as SnipBenchTrainer  # noqa: E402
-from bench_snip import time_interleaved, write_output  # noqa: E402
-
-from sparsetrain.machine import cpu_model  # noqa: E402
-
-CPU = torch.device("cpu")  # bench_snip's timer synchronises only on CUDA
-from sparsetrain.sparse.training import SparseTrainLinear, _csr, sparsify_for_training_
+from sparsetrain import apply_mask_, prune_at_init
+from sparsetrain.measure import LR, MOMENTUM, WEIGHT_DECAY, Provenance, Timings, time_interleaved, write_report
+from sparsetrain.sparse.bench import bench_training_step
+from sparsetrain.sparse.training import SparseTrainLinear, _csr
 
 TARGET = 2.0  # the issue: the sparse step at least 2x faster than the dense masked step
 
 Op = tuple[Callable[[], object], Callable[[object], object]]  # (untimed set-up, timed call)
 
 
-def build_mlp(widths: list[int], num_classes: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], num_classes))
-    return nn.Sequential(*layers)
-
-
-class Trainer(SnipBenchTrainer):
-    """bench_snip's training step (as sparsetrain.train runs it), plus the state it holds."""
-
-    def state_bytes(self) -> int:
-        """Parameters, buffers and optimizer state (momentum) held between steps."""
-        tensors = list(self.model.state_dict().values())
-        tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def paired(samples: dict[str, list[float]], name: str, ref: str) -> float:
-    """Median over rounds of (time of ``ref`` / time of ``name``): the speed-up of ``name``."""
-    return statistics.median(b / a for a, b in zip(samples[name], samples[ref]))
-
-
-def ms(samples: dict[str, list[float]]) -> dict[str, float]:
-    return {n: 1e3 * statistics.median(s) for n, s in samples.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Whole training step
-# --------------------------------------------------------------------------------------------
+def ms(t: Timings) -> dict[str, float]:
+    return {n: 1e3 * v for n, v in t.medians().items()}
 
 
 def bench_step(args) -> dict:
-    torch.manual_seed(args.seed)
-    widths = [args.inputs, *args.hidden]
-    base = build_mlp(widths, args.classes)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(args.batch_size, args.inputs, generator=g)
-    y = torch.randint(0, args.classes, (args.batch_size,), generator=g)
-    mask = prune_at_init(base, "random", sparsity=args.sparsity, scope="layerwise", seed=args.seed)
-
-    dense = Trainer(copy.deepcopy(base))
-    masked_model = apply_mask_(copy.deepcopy(base), mask)
-    masked = Trainer(masked_model, hooks=[GradientMask(masked_model, mask)])
-    sparse_model = sparsify_for_training_(apply_mask_(copy.deepcopy(base), mask), mask)
-    rest = {n: m for n, m in mask.items() if n in dict(sparse_model.named_parameters())}
-    sparse = Trainer(sparse_model, hooks=[GradientMask(sparse_model, rest)] if rest else [])
-
-    # the two pruned models compute the same function (a check, not a timing)
-    with torch.no_grad():
-        diff = (masked_model(x) - sparse_model(x)).abs().max().item()
-
-    def op(trainer: Trainer) -> Op:
-        return trainer.reset, lambda _: trainer.step(x, y)
-
-    samples = time_interleaved(
-        {"dense step": op(dense), "dense masked step": op(masked), "sparse step": op(sparse)},
-        args.repeats, args.warmup, CPU,
-    )
-    return {
-        "widths": widths,
-        "kept": sum(int(m.sum()) for m in mask.values()),
-        "total": sum(m.numel() for m in mask.values()),
-        "max_output_difference": diff,
-        "ms": ms(samples),
-        "speedup": paired(samples, "sparse step", "dense masked step"),
-        "speedup_vs_dense": paired(samples, "sparse step", "dense step"),
-        "masked_vs_dense": paired(samples, "dense masked step", "dense step"),
-        "state_mib": {"dense masked step": masked.state_bytes() / 2**20, "sparse step": sparse.state_bytes() / 2**20},
-    }
+    """The whole training step: :func:`sparsetrain.sparse.bench.bench_training_step`."""
+    return bench_training_step(inputs=args.inputs, hidden=args.hidden, classes=args.classes,
+                               batch_size=args.batch_size, sparsity=args.sparsity, repeats=args.repeats,
+                               warmup=args.warmup, seed=args.seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +96,7 @@ def bench_layer(args) -> dict:
         "dense grad_W (grad_y^T x)": (none, lambda _: grad_y.t() @ x.detach()),
         "sparse grad_values (sampled_addmm)": (none, lambda _: torch.sparse.sampled_addmm(pattern, grad_y_t, x_t.t(), beta=0.0)),
     }
-    samples = time_interleaved(ops, args.repeats, args.warmup, CPU)
+    t = time_interleaved(ops, rounds=args.repeats, warmup=args.warmup)
     pairs = [
         ("forward", "dense forward", "sparse forward"),
         ("backward", "dense backward", "sparse backward"),
@@ -179,8 +106,8 @@ def bench_layer(args) -> dict:
     return {
         "shape": (out_f, in_f),
         "nnz": sparse.nnz,
-        "ms": ms(samples),
-        "rows": [(label, d, s, paired(samples, s, d)) for label, d, s in pairs],
+        "ms": ms(t),
+        "rows": [(label, d, s, t.ratio(d, s)) for label, d, s in pairs],  # speed-up: ratio(dense, sparse)
     }
 
 
@@ -189,29 +116,19 @@ def bench_layer(args) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def report(step: dict, layer: dict, args, argv: list[str]) -> str:
+def report(step: dict, layer: dict, args) -> str:
     t = step["ms"]
     arch = " -> ".join(str(w) for w in step["widths"]) + f" -> {args.classes}"
     verdict = "PASS" if step["speedup"] >= TARGET else "MISS"
     lines = [
         "# Sparse training benchmark (CPU)",
         "",
-        f"- command: `{shlex.join(['python', *argv])}`",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- CPU: {cpu_model()}, {torch.get_num_threads()} torch threads; load average before the run: {args.load}",
-        f"- torch {torch.__version__}, sparsetrain {sparsetrain.__version__}, Python {platform.python_version()}",
+        f"- sparsetrain {sparsetrain.__version__} (machine, command, date, load average: at the end)",
         f"- MLP {arch} (ReLU), batch {args.batch_size} random inputs, every Linear weight pruned to "
         f"{args.sparsity:.0%} (random, layerwise): {step['kept']:,} of {step['total']:,} weights kept; "
         f"SGD lr {LR}, momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}",
         f"- {args.repeats} timed rounds after {args.warmup} warm-up rounds, seed {args.seed}; "
-        "speed-up = median over rounds of (reference time / op time in the same round)",
+        "speed-up = ratio(reference, op): the median over rounds of (reference time / op time in the same round)",
         f"- the sparse and the dense masked model agree: max |output difference| = {step['max_output_difference']:.2e}",
         "",
         "## Training step (forward + backward + SGD step)",
@@ -261,14 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    args.load = load_average()
+    provenance = Provenance.now(["python", "benchmarks/bench_sparse_training.py", *argv])  # before measuring
 
     print("benchmarking the training step ...", file=sys.stderr, flush=True)
     step = bench_step(args)
     print("benchmarking one layer ...", file=sys.stderr, flush=True)
     layer = bench_layer(args)
-    text = report(step, layer, args, ["benchmarks/bench_sparse_training.py", *argv])
-    write_output(text, args.out)
+    text = report(step, layer, args)
+    print(text + "\n" + provenance.markdown())
+    if args.out not in ("", "-"):
+        md, js = write_report(args.out, text, {"step": step, "layer": layer, "args": vars(args)},
+                              provenance=provenance)
+        print(f"written to {md} and {js}", file=sys.stderr)
     return 0
 
 

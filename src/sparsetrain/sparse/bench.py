@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence

@@ -26,20 +26,18 @@ steps as dense masked training does, up to the rounding of sums taken in another
     >>> bool((layer.to_dense_linear().weight == 0).sum() == 8)
     True
 
-Kernels, measured (benchmarks/bench_sparse_training.py; one 4096 x 4096 layer at 95% sparsity,
-batch 64, one thread): the three products are torch's own CSR operations, which run on MKL's
-sparse BLAS and ATen's parallel CPU kernels; no extension is compiled and nothing beyond torch is
-needed.
+Kernels: the three products are torch's own CSR operations, which run on MKL's sparse BLAS and
+ATen's parallel CPU kernels; no extension is compiled and nothing beyond torch is needed.
 
-- forward ``torch.sparse.mm(W, x^T)`` with x^T contiguous: about 6x faster than the dense GEMM;
+- forward ``torch.sparse.mm(W, x^T)`` with x^T contiguous;
 - grad_x ``torch.sparse.mm(W^T, grad_y^T)`` with W^T held as its own CSR structure (the values
-  gathered through a fixed permutation each step): about 6x. torch's other routes are slower
-  than dense: ``grad_y @ W_csr`` and ``W_csr.t() @ grad_y^T`` (CSC) take 4x the dense time;
+  gathered through a fixed permutation each step), because torch's other routes
+  (``grad_y @ W_csr``, ``W_csr.t() @ grad_y^T`` as CSC) are slower than dense;
 - grad_values ``torch.sparse.sampled_addmm(W_pattern, grad_y^T, x)``: one dot product of length
-  B per kept weight, about 7x faster than the dense ``grad_y^T x``. Gathering
-  ``(grad_y[:, rows] * x[:, cols]).sum(0)`` in chunks is 50x slower than it (memory-bound
-  gathers) and a hand-written OpenMP kernel would gain little over it while needing a compiler,
-  ninja and a build at first use.
+  B per kept weight (gathering ``(grad_y[:, rows] * x[:, cols]).sum(0)`` is memory-bound and far
+  slower).
+
+How fast each is against dense: docs/sparse.md, "Measurement history".
 
 Transposed operands are laid out so the sparse kernels read contiguous rows: the forward returns
 y as the transpose of a contiguous (out, B) tensor, so an elementwise activation keeps that layout
