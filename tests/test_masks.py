@@ -66,6 +66,11 @@ def test_a_mask_records_what_it_left_out_and_keeps_it_in_files(tmp_path):
     save_mask(tmp_path / "m.safetensors", mask)
     loaded = load_mask(tmp_path / "m.safetensors", model)
     assert loaded.left_out == mask.left_out and loaded.notes == mask.notes and list(loaded) == list(mask)
+    import copy
+    import pickle
+
+    for twin in (copy.deepcopy(mask), pickle.loads(pickle.dumps(mask))):
+        assert twin.left_out == mask.left_out and twin.notes == mask.notes and list(twin) == list(mask)
     plain = {n: m for n, m in mask.items()}  # a plain dict is accepted everywhere
     assert "left dense" not in format_sparsity_table(plain)
     save_mask(tmp_path / "p.safetensors", plain)

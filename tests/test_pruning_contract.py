@@ -219,3 +219,20 @@ def test_scores_of_the_wrong_names_or_shapes_are_explained():
             prune_at_init(create_model("mlp-tiny"), "test-bad-scores", sparsity=0.5)
     finally:
         METHODS.unregister("test-bad-scores")
+
+
+def test_rounds_read_a_loader_once_per_round_and_keep_a_generator():
+    seen = []
+
+    class Loader:
+        def __iter__(self):
+            seen.append("epoch")
+            g = torch.Generator().manual_seed(0)
+            yield torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+    model = create_model("mlp-tiny")
+    from_loader = prune_at_init(model, "snip", sparsity=0.9, batches=Loader(), rounds=3)
+    assert seen == ["epoch"] * 3
+    from_generator = prune_at_init(model, "snip", sparsity=0.9, batches=iter(Loader()), rounds=3)
+    assert seen == ["epoch"] * 4
+    assert all(torch.equal(from_loader[n], from_generator[n]) for n in from_loader)

@@ -72,7 +72,8 @@ def prune_at_init(
     ``options``: the method's options (a dict, checked, or its dataclass; see
     :func:`~sparsetrain.pruning.registry.method_options`). ``rounds``: prune in that many rounds
     along ``schedule`` (``"exponential"``, ``"linear"`` or a list of sparsities), each scored under
-    the mask of the round before; entries once pruned stay pruned.
+    the mask of the round before; entries once pruned stay pruned. Each round reads the batches
+    again: a loader is iterated once per round, a one-shot iterator is kept in memory.
     """
     layout = parse_structure(structure)
     sparsity = check_sparsity(sparsity) if layout is None else structured_sparsity(layout, sparsity)
@@ -90,8 +91,8 @@ def prune_at_init(
             f"pruning method {method!r} needs data: pass batches=(inputs, targets), a dict batch or a "
             "loader (methods that need none: random, magnitude and any registered with data_free=True)"
         )
-    if batches is not None and rounds > 1 and not isinstance(batches, (list, tuple)):
-        batches = list(batches)  # every round reads the same batches
+    if batches is not None and rounds > 1 and iter(batches) is batches:
+        batches = list(batches)  # a one-shot iterator (a generator): kept, so that every round reads it
     named, left_out = prunable_set(model, include_biases, params, exclude)
     dims, notes = find_input_dims(model, named, input_dims) if layout is not None or input_dims else ({}, {})
     if layout is None:
