@@ -109,6 +109,8 @@ __all__ = [
     "SparseLayerRow",
     "SparseLinear",
     "SparseReport",
+    "clear_choice_cache",
+    "estimate_times",
     "format_sparse_report",
     "load_sparse",
     "save_sparse",
