@@ -34,10 +34,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def input_of(name: str) -> tuple[int, ...]:
+    """INPUT for image models, its 16 rows of 16 pixels for sequence models."""
+    from sparsetrain.models import default_input_shape
+
+    return INPUT if len(default_input_shape(name)) == 3 else INPUT[1:]
+
+
 def models_with_layers() -> list[str]:
     names = []
     for name in st.list_models():
-        model = st.create_model(name, input_shape=INPUT)
+        model = st.create_model(name, input_shape=input_of(name))
         if any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
             names.append(name)
     return names
@@ -45,8 +52,8 @@ def models_with_layers() -> list[str]:
 
 def pruned(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = st.create_model(name, input_shape=INPUT).eval()
-    x, y = torch.randn(8, *INPUT), torch.randint(0, 10, (8,))
+    model = st.create_model(name, input_shape=input_of(name)).eval()
+    x, y = torch.randn(8, *input_of(name)), torch.randint(0, 10, (8,))
     mask = st.prune_at_init(model, "snip", sparsity=0.9, batches=(x, y))
     return model, mask, x
 

@@ -10,7 +10,7 @@ the weights the same way and sets biases to zero: snip-public's set of weights t
     >>> from sparsetrain.init import initialize_
     >>> layer = torch.nn.Linear(100, 10)
     >>> _ = initialize_(layer, "variance-scaling-zero-bias", seed=0)
-    >>> float(layer.bias.abs().sum())
+    >>> float(layer.bias.detach().abs().sum())
     0.0
 """
 
