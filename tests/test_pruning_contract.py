@@ -236,3 +236,8 @@ def test_rounds_read_a_loader_once_per_round_and_keep_a_generator():
     from_generator = prune_at_init(model, "snip", sparsity=0.9, batches=iter(Loader()), rounds=3)
     assert seen == ["epoch"] * 4
     assert all(torch.equal(from_loader[n], from_generator[n]) for n in from_loader)
+
+
+def test_an_unknown_scope_is_refused_before_scoring():
+    with pytest.raises(SparsetrainError, match="unknown selection scope 'local'.*global, layerwise"):
+        prune_at_init(create_model("mlp-tiny"), "snip", sparsity=0.5, scope="local")  # no data needed to say so

@@ -15,9 +15,9 @@ from ..batches import is_batch
 from ..errors import SparsetrainError
 from ..masks import Mask, prunable_set
 from .axes import input_dims as find_input_dims
-from .registry import ScoreContext, method_options, method_spec
+from .registry import ScoreContext, list_methods, method_options, method_spec
 from .rounds import masked_weights, never_revive, round_sparsities
-from .select import check_sparsity, select_top
+from .select import SCOPES, check_sparsity, select_top
 from .structured import NM, parse_structure, select_structured, structured_sparsity
 
 
@@ -85,18 +85,20 @@ def prune_at_init(
             f"structure {layout} fixes the sparsity at {layout.sparsity:.6g} in one step, so it cannot "
             f"be reached in {rounds} rounds; prune with rounds=1, or use block or no structure"
         )
+    if scope not in SCOPES:
+        raise SparsetrainError(f"unknown selection scope {scope!r}; choose one of {', '.join(SCOPES)}")
     batches = as_batches(batches)
     if batches is None and not spec.data_free:
+        free = [n for n in list_methods() if method_spec(n).data_free]
         raise SparsetrainError(
             f"pruning method {method!r} needs data: pass batches=(inputs, targets), a dict batch or a "
-            "loader (methods that need none: random, magnitude and any registered with data_free=True)"
+            f"loader (the methods that need none: {', '.join(free) or 'none'})"
         )
     if batches is not None and rounds > 1 and iter(batches) is batches:
         batches = list(batches)  # a one-shot iterator (a generator): kept, so that every round reads it
     named, left_out = prunable_set(model, include_biases, params, exclude)
+    # The input axis matters to structure only (input_dims are checked either way).
     dims, notes = find_input_dims(model, named, input_dims) if layout is not None or input_dims else ({}, {})
-    if layout is None:
-        notes = {}  # the input axis matters to structure only
     generator = torch.Generator().manual_seed(seed)
     mask = {n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in named.items()}
     for k, step in enumerate(steps):
@@ -110,7 +112,7 @@ def prune_at_init(
             mask = select_top(scores, step, scope)
         else:
             mask = select_structured(scores, layout, step, scope, dims)
-    return Mask(mask, left_out=left_out, notes=notes)
+    return Mask(mask, left_out=left_out, notes=notes if layout is not None else {})
 
 
 def _checked_scores(method: str, scores: Any, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
