@@ -203,6 +203,8 @@ def test_2_4_groups_along_the_input_axis_of_in_out_weights(layer, input_dims):
     assert torch.equal(w.T, nm_oracle_rows(scores["layer.weight"].T, 2, 4))
     assert torch.equal(mask["head.weight"], nm_oracle_rows(scores["head.weight"], 2, 4))  # (out, in) as ever
     assert not mask.notes  # a known class, or told by input_dims
+    apply_mask_(model, mask)
+    assert torch.equal(model.layer.weight != 0, mask["layer.weight"])
 
 
 def test_an_unknown_class_is_assumed_out_in_with_a_note():
