@@ -44,3 +44,12 @@ def test_no_imports_at_the_bottom_of_a_package_and_nothing_of_benchmarks():
 
 def test_cli_is_a_package():
     assert (PACKAGE / "cli" / "__init__.py").is_file()
+
+
+def test_the_cli_reference_is_current():
+    # a fresh process: the help lists the registries as a user's process sees them
+    done = subprocess.run([sys.executable, "-m", "sparsetrain.cli.reference"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert (ROOT / "docs" / "cli.md").read_text() == done.stdout, (
+        "docs/cli.md is stale: python -m sparsetrain.cli.reference > docs/cli.md")

@@ -247,6 +247,10 @@ def _bench(args):
     sweeping = args.sweep is not None or args.plot is not None
     if not sweeping and args.sparsity is None and not args.structure:
         raise SparsetrainError("give --sparsity S (e.g. --sparsity 0.98), --sweep [S ...] or --plot FILE.png")
+    if args.threads:  # first, so that the recorded environment says how many threads measured
+        import torch
+
+        torch.set_num_threads(args.threads)
     env = sb.environment(["sparsetrain", *args.argv])  # before measuring: the load average at start
     common = dict(method=args.method, structure=args.structure, batch_sizes=args.batch_sizes,
                   input_shape=args.input_shape, num_classes=args.num_classes, repeats=args.repeats,

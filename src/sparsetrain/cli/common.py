@@ -58,9 +58,9 @@ def add_config_flags(p: argparse.ArgumentParser, training: bool = True) -> None:
             kwargs.update(action="append", metavar="KEY=VALUE",
                           help=_help(f) + "; repeat for several, TOML value syntax")
         elif origin is tuple:
-            kwargs.update(nargs="*", metavar="VALUE")
+            kwargs.update(nargs="*", metavar="PATTERN")
         else:
-            kwargs["type"] = hint
+            kwargs.update(type=hint, metavar=f.name.upper())
         g.add_argument(flag, **kwargs)
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any setting, e.g. --set train.end_lr_factor=0.01 or --set prune.options.KEY=VALUE "
