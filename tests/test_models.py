@@ -128,5 +128,5 @@ def test_model_args_change_the_model_and_are_checked():
         create_model("mlp-tiny", depth=3)
     with pytest.raises(SparsetrainError, match="takes no arguments"):
         check_model_args("lenet-300-100", {"width": 2})
-    with pytest.raises(SparsetrainError, match="'model_args.hidden' must be int"):
+    with pytest.raises(SparsetrainError, match="model_args 'hidden' of model 'mlp-tiny' must be an int"):
         check_model_args("mlp-tiny", {"hidden": "wide"})

@@ -180,9 +180,9 @@ def test_options_are_checked_against_the_methods_dataclass(row_method):
     assert method_options(row_method, RowOptions(bonus=2)) == RowOptions(bonus=2)
     with pytest.raises(SparsetrainError, match=r"unknown option 'sclae'.*valid options: scale, bonus"):
         method_options(row_method, {"sclae": 2.0})
-    with pytest.raises(SparsetrainError, match=r"'bonus' of pruning method 'test-row-count' must be int; got 1.5"):
+    with pytest.raises(SparsetrainError, match=r"'bonus' of pruning method 'test-row-count' must be an int, got 1.5"):
         method_options(row_method, {"bonus": 1.5})
-    with pytest.raises(SparsetrainError, match="must be float; got True"):
+    with pytest.raises(SparsetrainError, match="must be a float, got True"):
         prune_at_init(create_model("mlp-tiny"), row_method, sparsity=0.5, options={"scale": True})
     assert method_options("snip", None) is None and method_options("snip", {}) is None
     with pytest.raises(SparsetrainError, match="'snip' takes no options"):

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SparsetrainError
+from .options import check_value
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, registry: str = "", flag: str = "",
@@ -256,103 +257,4 @@ def checked(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             f"unknown setting(s) {', '.join(unknown)} in {section}; valid: {', '.join(known)}"
         )
     hints = typing.get_type_hints(cls)
-    return {k: check_type(v, hints[k], k) for k, v in data.items()}
-
-
-def check_type(value: Any, expected: Any, name: str) -> Any:
-    """``value`` converted to ``expected`` where that is lossless (int -> float, list -> tuple),
-    else a SparsetrainError naming the setting and the expected type. Handles the annotations
-    configs and option dataclasses use: scalars, ``tuple[T, ...]``, ``dict[str, T]``, ``X | None``,
-    ``Literal[...]`` and nested dataclasses."""
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if expected is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return check_type(value, option, name)
-            except SparsetrainError:
-                pass
-        raise _wrong_type(name, expected, value)
-    if origin is typing.Literal:
-        if value not in args:
-            raise SparsetrainError(f"setting {name!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _wrong_type(name, expected, value)
-        item = args[0] if args else Any
-        return tuple(check_type(v, item, name) for v in value)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _wrong_type(name, expected, value)
-        return [check_type(v, args[0] if args else Any, name) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _wrong_type(name, expected, value)
-        return {str(k): check_type(v, args[1] if args else Any, f"{name}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(expected):
-        if not isinstance(value, expected):
-            raise _wrong_type(name, expected, value)
-        return value
-    if expected is float:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, float):
-            return value
-        raise _wrong_type(name, expected, value)
-    if expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _wrong_type(name, expected, value)
-    if isinstance(expected, type) and not isinstance(value, expected):
-        raise _wrong_type(name, expected, value)
-    return value
-
-
-def type_name(expected: Any) -> str:
-    """``int``, ``tuple[int, ...]``, ``one of 'image', 'rows'`` ...: a type as a user reads it."""
-    if typing.get_origin(expected) is typing.Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(expected)))
-    if typing.get_origin(expected) is None and hasattr(expected, "__name__"):
-        return expected.__name__
-    return str(expected).replace("typing.", "")
-
-
-def _wrong_type(name: str, expected: Any, value: Any) -> SparsetrainError:
-    return SparsetrainError(f"setting {name!r} must be {type_name(expected)}, got {value!r}")
-
-
-def options_from(cls: type, values: dict[str, Any] | None, what: str) -> Any:
-    """An instance of the options dataclass ``cls`` from ``values`` (a dict, an instance or
-    None), each key and type checked: unknown keys are named with the valid ones."""
-    if values is None:
-        return cls()
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise SparsetrainError(f"{what} must be a table of settings (key = value), got {values!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = [k for k in values if k not in known]
-    if unknown:
-        raise SparsetrainError(
-            f"unknown {what} {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(known)) or 'none'}"
-        )
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: check_type(v, hints[k], k) for k, v in values.items()})
-
-
-def describe_options(cls: type | None) -> list[str]:
-    """``name: type = default  help`` for each field of an options dataclass (for listings)."""
-    if cls is None:
-        return []
-    hints = typing.get_type_hints(cls)
-    lines = []
-    for f in fields(cls):
-        shown = type_name(hints[f.name])
-        lines.append(f"{f.name}: {shown} = {_default(f)!r}" + (f"  {f.metadata['help']}" if f.metadata.get("help") else ""))
-    return lines
+    return {k: check_value(v, hints[k], f"setting {k!r}") for k, v in data.items()}

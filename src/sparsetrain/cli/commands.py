@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 from .. import experiments
-from ..config import describe_options
 from ..data import dataset_spec, list_datasets
 from ..errors import SparsetrainError
 from ..init import list_inits
 from ..masks import format_sparsity_table, load_mask, save_mask
+from ..options import describe_options
 from ..models import create_model, default_input_shape, describe_model_args, list_models
 from ..pipeline import DENSE, build, find_mask, validate
 from ..pruning import list_methods, method_spec

@@ -15,7 +15,7 @@ in ``<root>/<name>/`` with root ``data_dir``, else ``$SPARSETRAIN_DATA``, else
 See docs/data.md.
 """
 
-from .args import AugmentedImageArgs, ImageArgs, describe_args, non_default_args, parse_assignments
+from .args import AugmentedImageArgs, ImageArgs, non_default_args
 from .base import (
     DATASETS,
     DatasetSpec,
@@ -52,7 +52,6 @@ __all__ = [
     "create_loaders",
     "dataset_args",
     "dataset_spec",
-    "describe_args",
     "ensure_extracted",
     "list_datasets",
     "load_dataset",
@@ -60,7 +59,6 @@ __all__ = [
     "locate_files",
     "make_synthetic",
     "non_default_args",
-    "parse_assignments",
     "preprocess",
     "read_idx",
     "register_dataset",

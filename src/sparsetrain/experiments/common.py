@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +23,7 @@ import torch
 from ..config import RunConfig
 from ..registry import Registry
 from ..run import run
+from ..store import RunRecord, RunStore
 
 #: Experiments by name: ``fn(options: ReproduceOptions) -> None``.
 EXPERIMENTS = Registry("experiment")
@@ -71,6 +73,26 @@ def run_many(configs: list[RunConfig], store: str | Path, data_dir=None, device=
         return
     with mp.get_context("spawn").Pool(workers) as pool:
         yield from pool.imap_unordered(_worker, jobs)
+
+
+def run_rows(configs: list[RunConfig], options: ReproduceOptions, group: tuple[str, str]) -> tuple[dict[str, RunRecord], list[str]]:
+    """Run ``configs`` as ``options`` say (nothing with ``report_only``), printing a line per run
+    as it finishes; return the finished records by config key, and the failures (``name: error``;
+    the other runs go on)."""
+    store = RunStore(options.store)  # created once here, before the workers open it
+    failures = []
+    pending = [] if options.report_only else configs
+    for name, results, error in run_many(pending, options.store, options.data_dir, options.device,
+                                           options.workers, options.threads, group=group):
+        if error:
+            failures.append(f"{name}: {error}")
+            print(f"{name}: FAILED {error}", file=sys.stderr)
+        else:
+            print(f"{name}: test error {100 * results['test_error_final']:.2f}% "
+                  f"(best-val {100 * results['test_error_best_val']:.2f}%), sparsity {results['sparsity']:.2%}",
+                  flush=True)
+    records = {c.key(): store.get(c.key()) for c in configs}
+    return {k: r for k, r in records.items() if r is not None and r.status == "finished"}, failures
 
 
 def mean_std(values: list[float]) -> str:

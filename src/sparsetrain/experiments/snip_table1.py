@@ -8,15 +8,13 @@ runs are not repeated) and writes the table where it is told (the CLI's default:
 
 from __future__ import annotations
 
-import sys
 import time
 
 from ..config import RunConfig
 from ..errors import SparsetrainError
 from ..measure import Provenance, write_report
 from ..recipes import recipe_path
-from ..store import RunStore
-from .common import EXPERIMENTS, ReproduceOptions, mean_std, run_many
+from .common import EXPERIMENTS, ReproduceOptions, mean_std, run_rows
 
 GROUP = ("experiment", "snip-table1")
 
@@ -50,21 +48,9 @@ def reproduce_snip_table1(options: ReproduceOptions) -> None:
     rows = list(options.rows or ROWS)
     configs = configs_for(rows, list(options.seeds), options.iterations)
     provenance = Provenance.now(options.command)
-    store = RunStore(options.store)  # created once here, before the workers open it
     started = time.time()
-    failures = []
-    pending = [] if options.report_only else configs
-    for name, results, error in run_many(pending, options.store, options.data_dir, options.device, options.workers,
-                                           options.threads, group=GROUP):
-        if error:
-            failures.append(f"{name}: {error}")
-            print(f"{name}: FAILED {error}", file=sys.stderr)
-        else:
-            print(f"{name}: test error {100 * results['test_error_final']:.2f}% "
-                  f"(best-val {100 * results['test_error_best_val']:.2f}%)", flush=True)
-    records = {c.key(): store.get(c.key()) for c in configs}
-    table = write_table(rows, configs, records, options.out, time.time() - started, provenance)
-    print(table)
+    records, failures = run_rows(configs, options, GROUP)
+    print(write_table(rows, configs, records, options.out, time.time() - started, provenance))
     if failures:
         raise SparsetrainError(f"{len(failures)} run(s) failed (the others are recorded): " + "; ".join(failures))
 
@@ -78,9 +64,9 @@ def write_table(rows, configs, records, out, seconds: float, provenance: Provena
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     iterations = {}
     for c in configs:
-        rec = records[c.key()]
+        rec = records.get(c.key())
         iterations[c.name] = c.train.iterations
-        if rec is not None and rec.status == "finished":
+        if rec is not None:
             per_row[c.name].append({"seed": c.seed, "key": c.key(), **rec.results,
                                     "train_seconds": (rec.timings or {}).get("train_seconds")})
     lines = [

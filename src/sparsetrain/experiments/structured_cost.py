@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +33,7 @@ from ..errors import SparsetrainError
 from ..measure import Provenance, write_report
 from ..pruning.structured import NM, Blocks, parse_structure
 from ..recipes import recipe_path
-from ..store import RunStore
-from .common import EXPERIMENTS, ReproduceOptions, mean_std, run_many
+from .common import EXPERIMENTS, ReproduceOptions, mean_std, run_rows
 
 GROUP = ("experiment", "structured-cost")
 SYNTHETIC = "synthetic"  # the VGG rows' data: the synthetic data set with CIFAR-shaped examples
@@ -185,32 +183,12 @@ def reproduce_structured_cost(options: ReproduceOptions) -> None:
     rows = list(options.rows or DEFAULT_ROWS)
     configs = configs_for(rows, list(options.seeds), options.iterations)
     provenance = Provenance.now(options.command)
-    store = RunStore(options.store)  # created once here, before the workers open it
     started = time.time()
-    failures: list[str] = []
-    pending = [] if options.report_only else configs
-    for name, results, error in run_many(pending, options.store, options.data_dir, options.device,
-                                           options.workers, options.threads, group=GROUP):
-        _report(name, results, error, failures)
-    outcomes: dict[str, dict] = {}  # config key -> {"results", "layers"}
-    for c in configs:
-        rec = store.get(c.key())
-        if rec is not None and rec.status == "finished":
-            outcomes[c.key()] = {"results": rec.results, "layers": rec.layer_sparsity or {}}
-    text = write_table(rows, configs, outcomes, options.out, time.time() - started, provenance)
-    print(text)
+    records, failures = run_rows(configs, options, GROUP)
+    outcomes = {k: {"results": r.results, "layers": r.layer_sparsity or {}} for k, r in records.items()}
+    print(write_table(rows, configs, outcomes, options.out, time.time() - started, provenance))
     if failures:
         raise SparsetrainError(f"{len(failures)} run(s) failed (the others are in the table): " + "; ".join(failures))
-
-
-def _report(name, results, error, failures) -> None:
-    if error:
-        failures.append(f"{name}: {error}")
-        print(f"{name}: FAILED {error}", file=sys.stderr)
-    else:
-        print(f"{name}: test error {100 * results['test_error_final']:.2f}% "
-              f"(best-val {100 * results['test_error_best_val']:.2f}%), sparsity {results['sparsity']:.2%}",
-              flush=True)
 
 
 # --- the table -------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..config import check_type
 from ..errors import SparsetrainError
+from ..options import check_value, type_name
 from ..registry import Registry
 
 MODELS = Registry("model")
@@ -67,11 +67,10 @@ def check_model_args(name: str, values: dict[str, Any] | None) -> dict[str, Any]
             f"valid: {', '.join(known) or 'none (this model takes no arguments)'}"
         )
     hints = typing.get_type_hints(MODELS.get(name))
-    return {k: check_type(v, hints.get(k, Any), f"model_args.{k}") for k, v in values.items()}
+    return {k: check_value(v, hints.get(k, Any), f"model_args {k!r} of model {name!r}") for k, v in values.items()}
 
 
 def describe_model_args(name: str) -> str:
-    """``hidden: int = 32, ...`` for listings."""
+    """``hidden (an int) = 32, ...`` for listings."""
     hints = typing.get_type_hints(MODELS.get(name))
-    return ", ".join(f"{n}: {getattr(hints.get(n), '__name__', hints.get(n))} = {p.default!r}"
-                     for n, p in model_args_of(name).items())
+    return ", ".join(f"{n} ({type_name(hints.get(n, Any))}) = {p.default!r}" for n, p in model_args_of(name).items())

@@ -21,8 +21,6 @@ none). It only scores; selection (exact top-kappa, ties, structure, rounds) is s
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -30,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SparsetrainError
+from ..options import build_options
 from ..registry import Registry
 
 
@@ -114,77 +113,9 @@ def method_options(name: str, values: Mapping[str, Any] | Any | None = None) -> 
     types raise :class:`SparsetrainError` naming the valid keys or the expected type), an
     instance of the dataclass, or None (the defaults). None for a method without options."""
     spec = method_spec(name)
-    cls = spec.options
-    if cls is None:
+    if spec.options is None:
         if values:
-            raise SparsetrainError(f"pruning method {name!r} takes no options; got {_keys(values)}")
+            keys = ", ".join(map(repr, values)) if isinstance(values, Mapping) else repr(values)
+            raise SparsetrainError(f"pruning method {name!r} takes no options; got {keys}")
         return None
-    if values is None:
-        return cls()
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, Mapping):
-        raise SparsetrainError(
-            f"options of pruning method {name!r} must be a dict or a {cls.__name__}; got {type(values).__name__}"
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k not in fields]
-    if unknown:
-        raise SparsetrainError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for pruning "
-            f"method {name!r}; valid options: {', '.join(fields) or 'none'}"
-        )
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _checked(name, k, v, hints.get(k, Any)) for k, v in values.items()})
-
-
-def _keys(values: Any) -> str:
-    return ", ".join(map(repr, values)) if isinstance(values, Mapping) else repr(values)
-
-
-def _checked(method: str, key: str, value: Any, expected: Any) -> Any:
-    ok, converted = _convert(value, expected)
-    if not ok:
-        raise SparsetrainError(
-            f"option {key!r} of pruning method {method!r} must be {_type_name(expected)}; "
-            f"got {value!r} ({type(value).__name__})"
-        )
-    return converted
-
-
-def _convert(value: Any, expected: Any) -> tuple[bool, Any]:
-    """(fits, value converted): bool is not an int here, an int is a float."""
-    origin = typing.get_origin(expected)
-    if expected is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(expected):
-            ok, converted = _convert(value, arm)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is typing.Literal:
-        return value in typing.get_args(expected), value
-    if expected is type(None):
-        return value is None, value
-    if expected is float:
-        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return fits, float(value) if fits else value
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if origin in (tuple, list):
-        if not isinstance(value, (tuple, list)):
-            return False, value
-        args = typing.get_args(expected)
-        arm = args[0] if args else Any
-        items = [_convert(v, arm) for v in value]
-        return all(ok for ok, _ in items), origin(v for _, v in items)
-    if isinstance(expected, type):
-        return isinstance(value, expected), value
-    return True, value
-
-
-def _type_name(expected: Any) -> str:
-    if isinstance(expected, type):
-        return expected.__name__
-    return str(expected).replace("typing.", "")
+    return build_options(spec.options, values, "option", f"of pruning method {name!r}")
