@@ -220,7 +220,8 @@ def _bench_flags(p):
 
     p.add_argument("--model", required=True, help="registered model name (see `sparsetrain list models`)")
     p.add_argument("--sparsity", type=float, help="fraction of connections removed, in [0, 1), e.g. 0.98")
-    p.add_argument("--method", default="snip", help="snip (scored on a random batch of real shape), random or magnitude")
+    p.add_argument("--method", default="snip", help="pruning method, scored on a random batch of real shape "
+                   f"(one of: {', '.join(list_methods())})")
     p.add_argument("--structure", default="", help='mask structure passed to pruning: "2:4", "block32x32" or "" (none)')
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES), metavar="B",
                    help="batch sizes to measure (default %(default)s)")
