@@ -14,18 +14,25 @@ from .config import PruneConfig, RunConfig, TrainConfig
 from .data import create_loaders, list_datasets
 from .errors import SparsetrainError
 from .init import initialize_, list_inits
-from .masks import GradientMask, apply_mask_, format_sparsity_table, load_mask, mask_summary, overall_sparsity, save_mask
+from .masks import GradientMask, Mask, apply_mask_, format_sparsity_table, load_mask, mask_summary, overall_sparsity, save_mask
 from .models import create_model, list_models
-from .pruning import connection_sensitivity, list_methods, prune_at_init
+from .pruning import ScoreContext, connection_sensitivity, list_methods, prune_at_init, register_method
 from .run import RunOutcome, run
 from .sparse import format_sparse_report, load_sparse, save_sparse, sparse_report, to_sparse
-from .store import RunStore
-from .train.loop import TrainResult, evaluate, train
+from .store import RunGroup, RunStatus, RunStore
+from .train.loop import Callback, StopAtGoal, TrainResult, evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Callback",
     "GradientMask",
+    "Mask",
+    "RunGroup",
+    "RunStatus",
+    "ScoreContext",
+    "StopAtGoal",
+    "register_method",
     "PruneConfig",
     "RunConfig",
     "RunOutcome",
