@@ -181,7 +181,9 @@ def _runs(args):
     if args.json:
         print(json.dumps([r.__dict__ for r in records], indent=1, default=str))
     elif not records:
-        print(f"no runs recorded in {args.store or default_store_root()}")
+        where = args.store or default_store_root()
+        filters = " ".join(f"--{k} {v}" for k, v in (("name", args.name), ("status", args.status)) if v)
+        print(f"no runs in {where} match {filters}" if filters else f"no runs recorded in {where}")
     else:
         print(format_runs_table(records))
 
