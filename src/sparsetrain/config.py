@@ -81,8 +81,9 @@ class PruneConfig:
                                "(e.g. 'block32x32'), or '' (unstructured)")
     rounds: int = later(1, "pruning rounds: the mask carried from round to round, each round scored under "
                            "the previous round's mask (iterative methods)", flag="prune-rounds")
-    round_schedule: str = later("exponential", "sparsity of the rounds before the last: 'exponential' "
-                                               "(density^(k/R)) or 'linear'")
+    round_schedule: str = later("exponential", "sparsity of the rounds before the last: exponential is "
+                                               "density^(k/R), as iterative SNIP and SynFlow",
+                                registry="round_schedule")
     exclude: tuple[str, ...] = later((), "glob patterns of parameter names never pruned (e.g. 'pos*')")
     options: dict[str, Any] = later(default_factory=dict, help="the pruning method's own options "
                                     "(`sparsetrain list methods` shows them)", flag="option")

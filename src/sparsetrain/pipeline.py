@@ -32,6 +32,7 @@ from .init import INITS, initialize_
 from .masks import GradientMask, Mask, apply_mask_, mask_summary
 from .models import MODELS, check_model_args, create_model
 from .pruning import METHODS, method_options, prune_at_init
+from .pruning.rounds import SCHEDULES as ROUND_SCHEDULES
 from .pruning.select import SCOPES, check_sparsity
 from .pruning.structured import parse_structure, structured_sparsity
 from .train.loop import DIVERGE_CHOICES, Callback, TrainResult, resolve_device, train
@@ -39,7 +40,6 @@ from .train.optim import OPTIMIZERS, SCHEDULES
 
 DENSE = "dense"  # the method name for the unpruned reference network
 EXECUTIONS = ("dense", "sparse")  # TrainConfig.execution
-ROUND_SCHEDULES = ("exponential", "linear")
 
 #: Where the values of a config field named with ``registry=`` come from: the CLI's choices and
 #: the validation below both read this one table.
@@ -53,6 +53,7 @@ CHOICES: dict[str, Callable[[], list[str]]] = {
     "scope": lambda: list(SCOPES),
     "execution": lambda: list(EXECUTIONS),
     "on_diverge": lambda: list(DIVERGE_CHOICES),
+    "round_schedule": lambda: list(ROUND_SCHEDULES),
 }
 
 
