@@ -168,3 +168,18 @@ def test_estimates_follow_the_work():
         conv.weight.mul_(torch.rand_like(conv.weight) < 0.1)
     c = est(conv, (8, 16, 12, 12), ("dense", "csr:kernel", "bsr"), block=(4, 4))
     assert all(v > 0 for v in c.values())
+
+
+@pytest.mark.parametrize("ratio, converted", [(0.98, False), (0.90, True)])
+def test_a_tie_end_to_end_is_not_worth_converting(ratio, converted):
+    """A model that every layer decision favours, but that is only within noise of dense end to end
+    (ratio 0.98), comes back dense; one clearly faster (0.90) comes back sparse."""
+    model, mask = sparse_mlp([1024, 1024], [0.05])  # clearly sparse by the cost model: no layer timing
+    clear_choice_cache()
+    def honest(fns, **_):  # the end-to-end check's two keys; no layer is timed here
+        return Timings({k: [ratio if k == "sparse" else 1.0] * 5 for k in fns})
+
+    result = to_sparse(model, mask, batch_size=1, input_shape=(1024,), timer=honest)
+    assert isinstance(result[0], SparseLinear) == converted
+    if not converted:
+        assert result[0].sparse_choice["decided_by"] == "end-to-end check"
