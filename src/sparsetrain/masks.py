@@ -296,7 +296,7 @@ def save_mask(path: str | Path, mask: Mapping[str, torch.Tensor], metadata: dict
         meta["sparsetrain.left_out"] = json.dumps(left_out)
     if notes := _notes(mask):
         meta["sparsetrain.notes"] = json.dumps(notes)
-    save_tensors(path, {n: m.to(torch.bool).cpu().contiguous() for n, m in mask.items()}, meta)
+    save_tensors(path, {n: m.to(torch.bool).cpu().contiguous() for n, m in mask.items()}, meta, what="mask")
 
 
 def load_mask(path: str | Path, model: nn.Module | None = None) -> Mask:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +41,7 @@ import safetensors.torch as st
 import torch
 
 from sparsetrain.errors import SparsetrainError
+from sparsetrain.fsio import atomic_write
 
 __all__ = [
     "STATE_FORMAT",
@@ -63,7 +63,9 @@ _FLOAT_TAGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # ----------------------------------------------------------------------------- public API
 
 
-def save_state(path: str | os.PathLike, state: Any, metadata: dict[str, str] | None = None) -> None:
+def save_state(
+    path: str | os.PathLike, state: Any, metadata: dict[str, str] | None = None, *, what: str = "checkpoint"
+) -> None:
     """Write a nested structure of dicts, lists/tuples, tensors and JSON scalars to ``path``.
 
     Tensors are detached, moved to CPU and made contiguous; tensors sharing memory are stored as
@@ -77,7 +79,7 @@ def save_state(path: str | os.PathLike, state: Any, metadata: dict[str, str] | N
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, tensors, where="state")
     full_meta = {**user_meta, _FORMAT_KEY: STATE_FORMAT, _STATE_KEY: json.dumps(encoded, allow_nan=False)}
-    _atomic_save(path, _storable(tensors), full_meta)
+    _atomic_save(path, _storable(tensors), full_meta, what)
 
 
 def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
@@ -101,9 +103,11 @@ def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
 
 
 def save_tensors(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+    *, what: str = "file",
 ) -> None:
     """Atomically write a flat ``name -> tensor`` dict (e.g. pruning masks) as safetensors.
+    ``what`` names the file in errors and is its write site for :mod:`sparsetrain.fsio`.
 
     Tensors are detached, moved to CPU and made contiguous; shared-memory tensors are copied.
     """
@@ -114,7 +118,7 @@ def save_tensors(
             raise SparsetrainError(
                 f"save_tensors needs str -> Tensor entries, got {name!r} -> {type(value).__name__}"
             )
-    _atomic_save(path, _storable(tensors), _check_metadata(metadata, reserved=frozenset()))
+    _atomic_save(path, _storable(tensors), _check_metadata(metadata, reserved=frozenset()), what)
 
 
 def load_tensors(
@@ -237,29 +241,9 @@ def _check_metadata(metadata: dict[str, str] | None, reserved: frozenset[str]) -
     return dict(metadata)
 
 
-def _atomic_save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write via a unique temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder so os.replace is a rename within one file system (atomic); a unique name so two
-    # writers of the same path never clobber each other's half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        st.save_file(tensors, str(tmp), metadata=metadata)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    # Without this a power cut after the rename can leave the new name pointing at empty data.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _atomic_save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:
+    """Through the one atomic writer (:func:`sparsetrain.fsio.atomic_write`): old file or new, never half."""
+    atomic_write(path, lambda tmp: st.save_file(tensors, str(tmp), metadata=metadata), what=what)
 
 
 def _reading(path: Path, read: Callable[[], Any]) -> Any:

@@ -26,13 +26,13 @@ import os
 import platform
 import shlex
 import sys
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..fsio import atomic_write
 from ..machine import cpu_model, machine_description
 
 __all__ = ["Provenance", "load_average", "write_report"]
@@ -109,8 +109,9 @@ def write_report(path: str | Path, markdown: str, data: dict, *, provenance: Pro
         text += "\n" + provenance.markdown() + "\n"
         payload.setdefault("provenance", provenance.to_dict())
     md.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(js, json.dumps(payload, indent=1, default=str, allow_nan=False) + "\n")
-    _atomic_write(md, text)
+    js_text = json.dumps(payload, indent=1, default=str, allow_nan=False) + "\n"
+    atomic_write(js, lambda tmp: tmp.write_text(js_text), what="report")
+    atomic_write(md, lambda tmp: tmp.write_text(text), what="report")
     return md, js
 
 
@@ -123,12 +124,3 @@ def _finite(x):
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -939,7 +939,7 @@ def save_sparse(model: nn.Module, path: str | Path) -> None:
             layers[name] = {"kind": type(m).__name__, "layout": "dense", "choice": m.sparse_choice}
     structured = any(e["layout"] in ("bsr", "semi") for e in layers.values())
     meta = {"format": FORMAT_V2 if structured else FORMAT, "layers": layers}
-    save_tensors(path, dict(model.state_dict()), {_META_KEY: json.dumps(meta)})
+    save_tensors(path, dict(model.state_dict()), {_META_KEY: json.dumps(meta)}, what="model")
 
 
 def load_sparse(path: str | Path, model: nn.Module | Callable[[], nn.Module], *, device: str | torch.device = "cpu") -> nn.Module:
