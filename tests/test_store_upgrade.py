@@ -75,7 +75,64 @@ def _write_v1_store(root: Path) -> Path:
     return root
 
 
-OLD_STORES = {1: _write_v1_store}  # every older schema version -> a writer of such a store
+# Schema version 2, exactly as sparsetrain wrote it (store.py _SCHEMA before leases).
+V2_SCHEMA = """
+CREATE TABLE groups (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (kind, name)
+);
+CREATE TABLE runs (
+    key            TEXT PRIMARY KEY,
+    name           TEXT NOT NULL DEFAULT '',
+    config         TEXT NOT NULL,
+    seed           INTEGER NOT NULL,
+    status         TEXT NOT NULL CHECK (status IN
+                       ('running', 'finished', 'failed', 'stopped', 'infeasible', 'interrupted')),
+    versions       TEXT NOT NULL,
+    created_at     TEXT NOT NULL,
+    updated_at     TEXT NOT NULL,
+    results        TEXT,
+    layer_sparsity TEXT,
+    timings        TEXT,
+    error          TEXT,
+    group_id       INTEGER REFERENCES groups (id),
+    parent         TEXT
+);
+CREATE INDEX runs_created_at ON runs (created_at);
+CREATE INDEX runs_group_id ON runs (group_id);
+CREATE INDEX runs_parent ON runs (parent);
+CREATE TABLE metrics (
+    key   TEXT NOT NULL,
+    step  INTEGER NOT NULL,
+    name  TEXT NOT NULL,
+    value REAL,
+    PRIMARY KEY (key, step, name)
+) WITHOUT ROWID;
+"""
+
+
+def _write_v2_store(root: Path) -> Path:
+    """A store as sparsetrain with groups and parents (schema version 2) left it: a group, the v1
+    runs (one a child in the group, one 'running' as a killed process leaves it), metrics."""
+    root.mkdir(parents=True)
+    conn = sqlite3.connect(root / "runs.sqlite", isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(V2_SCHEMA)
+        conn.execute("PRAGMA user_version=2")
+        conn.execute("INSERT INTO groups VALUES (1, 'experiment', 'snip-table1', '2026-01-01T00:00:00.000000+00:00')")
+        rows = [(*run, 1 if run[0] == "ccc" else None, "aaa" if run[0] == "ccc" else None) for run in V1_RUNS]
+        conn.executemany(f"INSERT INTO runs VALUES ({', '.join('?' * 14)})", rows)
+        conn.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)", V1_METRICS)
+    finally:
+        conn.close()
+    return root
+
+
+OLD_STORES = {1: _write_v1_store, 2: _write_v2_store}  # every older schema version -> a writer of such a store
 
 
 def _user_version(root: Path) -> int:
@@ -97,7 +154,7 @@ def _schema(root: Path) -> list[tuple[str, str, str]]:
 
 
 def test_every_older_version_has_a_writer_and_an_upgrade_step():
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert set(OLD_STORES) == set(range(1, SCHEMA_VERSION)) == set(store_module._UPGRADES)
 
 
@@ -199,6 +256,20 @@ def test_concurrent_openers_upgrade_once(tmp_path):
     results.join_thread()
     assert _user_version(root) == SCHEMA_VERSION
     assert [r.key for r in RunStore(root).list()] == ["aaa", "bbb", "ccc"]
+
+
+def test_v2_store_gains_leases_and_keeps_every_run(tmp_path):
+    root = _write_v2_store(tmp_path / "store")
+    store = RunStore(root)
+    assert _user_version(root) == SCHEMA_VERSION
+    runs = store.list()
+    assert [(r.key, r.status, r.lease) for r in runs] == [
+        ("aaa", "finished", None), ("bbb", "failed", None), ("ccc", "running", None)]
+    assert store.get("ccc").group == RunGroup("experiment", "snip-table1") and store.get("ccc").parent == "aaa"
+    assert store.metrics("ccc") == {"loss": [(7, 1.5)]}
+    with store.take_lease("ccc") as lease:
+        assert store.lease("ccc").token == lease.token
+    assert store.lease("ccc") is None
 
 
 @pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 99])
