@@ -284,6 +284,7 @@ def test_download_from_file_mirror(tmp_path, mirror, monkeypatch):
     dead = (tmp_path / "dead").as_uri() + "/"
     monkeypatch.setitem(MIRRORS, "mnist", [dead, folder.as_uri() + "/"])
     root = tmp_path / "root"
+    root.mkdir()  # a data root the caller names must exist
     raw = load_dataset("mnist", root, download=True)
     np.testing.assert_array_equal(raw.train_y.numpy(), arrays[FILES[1]])
     on_disk = sorted(p.name for p in (root / "mnist").iterdir())
@@ -295,6 +296,7 @@ def test_download_skips_mirror_with_corrupt_copy(tmp_path, mirror, monkeypatch):
     bad = tmp_path / "bad-mirror"
     write_fake_dataset(bad, fake_arrays(n_train=7))  # valid IDX, wrong content
     monkeypatch.setitem(MIRRORS, "mnist", [bad.as_uri(), folder.as_uri()])
+    (tmp_path / "root").mkdir()
     raw = load_dataset("mnist", tmp_path / "root", download=True)
     assert len(raw.train_y) == len(arrays[FILES[1]])
 
@@ -313,6 +315,7 @@ def test_download_failure_of_all_mirrors(tmp_path, monkeypatch):
     urls = [(tmp_path / "m1").as_uri() + "/", (tmp_path / "m2").as_uri() + "/"]
     monkeypatch.setitem(MIRRORS, "mnist", urls)
     root = tmp_path / "root"
+    root.mkdir()
     with pytest.raises(SparsetrainError) as info:
         load_dataset("mnist", root, download=True)
     message = str(info.value)

@@ -69,6 +69,7 @@ def test_plain_file_download_checks_raw_bytes_and_caches(tmp_path, monkeypatch):
     mirror.mkdir()
     (mirror / "table.bin").write_bytes(payload)
     monkeypatch.setitem(MIRRORS, NAME, [mirror.as_uri()])
+    (tmp_path / "root").mkdir()  # a data root the caller names must exist
     (path,) = locate_files(NAME, [DataFile("table.bin", sha256(payload))], tmp_path / "root")
     assert path == tmp_path / "root" / NAME / "table.bin" and path.read_bytes() == payload
     assert sorted(p.name for p in path.parent.iterdir()) == [".verified.json", "table.bin"]  # no .part left
@@ -79,6 +80,7 @@ def test_corrupt_plain_download_is_refused_and_leaves_nothing(tmp_path, monkeypa
     mirror.mkdir()
     (mirror / "table.bin").write_bytes(b"wrong")
     monkeypatch.setitem(MIRRORS, NAME, [mirror.as_uri()])
+    (tmp_path / "root").mkdir()
     with pytest.raises(SparsetrainError, match="corrupt") as info:
         locate_files(NAME, [DataFile("table.bin", "0" * 64)], tmp_path / "root")
     assert mirror.as_uri() in str(info.value) and "table.bin" in str(info.value)
@@ -110,6 +112,7 @@ def test_gzip_file_needs_gz_name():
 def test_archive_is_downloaded_checked_and_extracted_once(tmp_path, archive_mirror, monkeypatch):
     archive, _ = archive_mirror
     root = tmp_path / "root"
+    root.mkdir()
     folder = ensure_extracted(NAME, archive, list(CONTENTS), root)
     assert folder == root / NAME
     for name, data in CONTENTS.items():
@@ -141,6 +144,7 @@ def test_archive_with_wrong_checksum_is_not_extracted(tmp_path):
 
 def test_archive_missing_error_names_folder_file_and_fix(tmp_path):
     root = tmp_path / "root"
+    root.mkdir()
     with pytest.raises(SparsetrainError) as info:
         ensure_extracted(NAME, DataFile("tiny.tar.gz", None), list(CONTENTS), root, download=False)
     message = str(info.value)

@@ -127,5 +127,5 @@ def test_divergence_is_reported():
 
 def test_nonpositive_learning_rate_is_refused():
     model, mask, data = pruned("mlp-tiny")
-    with pytest.raises(SparsetrainError, match="learning rate must be positive"):
-        train(model, data, TrainConfig(lr=0.0, iterations=5), progress=False)
+    with pytest.raises(SparsetrainError, match=r"train\.lr must be a positive finite number; got 0\.0"):
+        train(model, data, TrainConfig(lr=0.0, iterations=5), progress=False)  # refused by the config

@@ -13,10 +13,23 @@ Two forms are understood everywhere a batch is taken (pruning, training, evaluat
     >>> loss, out = forward_loss(model, (torch.ones(4, 3), torch.tensor([0, 1, 0, 1])))
     >>> tuple(out.shape), loss.dim(), batch_size_of((torch.ones(4, 3), None))
     ((4, 2), 0, 4)
+
+What a batch must hold is checked where it is used, with errors that say what was wrong: an
+``(inputs, targets)`` pair (not the inputs alone), as many targets as inputs, and, for the default
+cross-entropy, integer targets that are class indices of the model's outputs (0..C-1, or -100,
+cross-entropy's "ignore"). The class indices are checked on the first batch a model sees (a label
+10 for a 10-class model would otherwise fail deep inside the loss, or, on a GPU, as an assertion
+that poisons the device); a later bad batch is explained the same way when the loss fails.
+
+    >>> forward_loss(model, (torch.ones(2, 3), torch.tensor([0, 2])))
+    Traceback (most recent call last):
+    ...
+    sparsetrain.errors.SparsetrainError: targets must be class indices 0..1 for this model's 2 outputs; got 2 ...
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -26,6 +39,12 @@ import torch.nn.functional as F
 from .errors import SparsetrainError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: a target that counts for nothing
+
+# Models whose first (inputs, targets) batch has had its class indices checked: checking every
+# batch would cost a device synchronisation per step.
+_TARGETS_CHECKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def is_batch(obj: Any) -> bool:
@@ -104,13 +123,68 @@ def _shapes(batch: Any) -> str:
     return type(batch).__name__
 
 
+def check_pair(batch: Any, needs_targets: bool = True) -> None:
+    """Refuse what is not an ``(inputs, targets)`` pair or a mapping (the inputs alone, a 1-tuple),
+    targets that are missing (None) where the loss needs them, and a number of targets that differs
+    from the number of inputs. Only shapes are read: no device synchronisation."""
+    if isinstance(batch, Mapping):
+        return
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        what = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
+                else f"a {type(batch).__name__} of {len(batch)} item(s) {_shapes(batch)}"
+                if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
+        raise SparsetrainError(
+            f"a batch must be an (inputs, targets) pair or a dict for model(**batch); got {what}. Inputs "
+            "without targets cannot be scored or trained: pass batches=(inputs, targets) (one batch) or "
+            "an iterable of such pairs, such as a DataLoader over TensorDataset(inputs, targets)"
+        )
+    x, y = batch
+    if y is None:
+        if needs_targets:
+            raise SparsetrainError(
+                f"the batch {_shapes(batch)} has inputs but no targets (None); the loss needs them: pass "
+                "(inputs, targets), or a dict batch for a model that computes its own loss"
+            )
+        return
+    if isinstance(y, torch.Tensor) and y.dim() > 0 and (isinstance(x, torch.Tensor) and x.dim() > 0 or isinstance(x, Mapping)):
+        n_inputs = batch_size_of(batch)
+        if y.shape[0] != n_inputs:
+            raise SparsetrainError(
+                f"the batch has {n_inputs} inputs but {y.shape[0]} targets {_shapes(batch)}: give one "
+                "target per input"
+            )
+
+
+def check_targets(logits: torch.Tensor, targets: Any) -> None:
+    """Refuse integer ``targets`` that are not class indices of ``logits`` (``(B, C, ...)``):
+    each must be in ``0..C-1`` (or :data:`IGNORE_INDEX`). Float targets (class probabilities)
+    and anything else are left to the loss. Reads the values (a synchronisation on a GPU)."""
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() \
+            or targets.dtype == torch.bool or targets.numel() == 0 or logits.dim() < 2:
+        return
+    classes = logits.shape[1]
+    bad = targets[((targets < 0) | (targets >= classes)) & (targets != IGNORE_INDEX)]
+    if bad.numel():
+        values = bad.unique()
+        shown = ", ".join(str(v) for v in values[:5].tolist()) + (" ..." if values.numel() > 5 else "")
+        raise SparsetrainError(
+            f"targets must be class indices 0..{classes - 1} for this model's {classes} outputs; got {shown} "
+            f"({bad.numel()} of {targets.numel()} targets). Build the model for the data set's number of "
+            "classes, or relabel the data"
+        )
+
+
 def forward_loss(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None) -> tuple[torch.Tensor, Any]:
     """``(loss, outputs)`` of ``model`` on one ``batch`` (see the module docstring).
 
     ``(x, y)``: ``outputs = model(x)``, ``loss = (loss_fn or cross_entropy)(outputs, y)``.
     A mapping: ``outputs = model(**batch)``; with ``loss_fn`` the loss is
     ``loss_fn(logits_of(outputs), batch["labels"])``, without it the output's own ``loss``.
-    A batch that does not fit the model raises :class:`SparsetrainError` showing its shapes."""
+    A batch that does not fit the model raises :class:`SparsetrainError` showing its shapes; one
+    that is not a batch, or whose targets are missing, too few or too many, or (default loss) not
+    class indices of the model's outputs, raises saying so (:func:`check_pair`,
+    :func:`check_targets`)."""
+    check_pair(batch, needs_targets=loss_fn is None)
     try:
         if isinstance(batch, Mapping):
             outputs = model(**batch)
@@ -124,7 +198,19 @@ def forward_loss(model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = No
                 "(inputs, targets) batch: return a tensor or an output with .logits, or pass dict "
                 "batches with 'labels' so that the model computes its own loss"
             )
-        return (loss_fn or F.cross_entropy)(logits, y), outputs
+        if loss_fn is None and model not in _TARGETS_CHECKED:
+            check_targets(logits, y)
+            _TARGETS_CHECKED.add(model)
+        try:
+            loss = (loss_fn or F.cross_entropy)(logits, y)
+        except (IndexError, ValueError, RuntimeError) as err:
+            if loss_fn is not None or isinstance(err, SparsetrainError):
+                raise
+            check_targets(logits, y)  # a later batch with a bad label: say so
+            raise RuntimeError(str(err)) from err
+        return loss, outputs
+    except SparsetrainError:
+        raise
     except RuntimeError as err:
         raise SparsetrainError(
             f"a batch {_shapes(batch)} does not fit {type(model).__name__}: {err}. "

@@ -13,7 +13,9 @@ A :class:`RunConfig` serialises to and from a flat-sectioned TOML recipe::
     [train]
     iterations = 30000
 
-The dataclasses are the schema: each field's type is checked when a config is read, its help
+The dataclasses are the schema: each field's type is checked when a config is read, its range
+(``check=``, see :data:`RANGES`) whenever a config is made (a learning rate of 0 or NaN, a batch
+size of 0, a sparsity of 1 are refused here, before any data is read or any run recorded), its help
 text (``field(metadata={"help": ...})``) is what the CLI prints, and its ``registry`` names the
 registry its value must come from (models, data sets, methods, ...), so the CLI's flags, choices
 and help are generated from here and never kept by hand. ``model_args``, ``data_args`` and
@@ -29,6 +31,10 @@ of the key, so every recorded run keeps its key.
     True
     >>> RunConfig().key() == RunConfig().replace(train={"execution": "dense"}).key()  # a later field at its default
     True
+    >>> TrainConfig(lr=float("nan"))
+    Traceback (most recent call last):
+    ...
+    sparsetrain.errors.SparsetrainError: train.lr must be a positive finite number; got nan
 """
 
 from __future__ import annotations
@@ -36,25 +42,63 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import SparsetrainError
 from .options import check_value
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, registry: str = "", flag: str = "",
-            later: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+            later: bool = False, check: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
     """A config field with its help text. ``registry``: the registry its value names (for the
     CLI's choices and validation); ``flag``: the CLI flag when not ``--<field-name>``; ``later``:
-    added after runs were recorded, so left out of the run key while it holds ``default``."""
-    metadata = {"help": help, "registry": registry, "flag": flag, "later": later}
+    added after runs were recorded, so left out of the run key while it holds ``default``;
+    ``check``: the range its value must lie in, a key of :data:`RANGES` (checked whenever a config
+    is made, so the CLI, recipes and the API refuse a bad value alike, before anything runs)."""
+    if check and check not in RANGES:
+        raise ValueError(f"unknown check {check!r}; choose one of {', '.join(RANGES)}")
+    metadata = {"help": help, "registry": registry, "flag": flag, "later": later, "check": check}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+#: The ranges a numeric setting may be declared with (``setting(..., check=NAME)``): a test of the
+#: value and the words that finish "<section>.<field> must be ...". NaN and infinities fail all.
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "positive": (lambda v: v > 0, "a positive finite number"),
+    "positive_int": (lambda v: v >= 1, "a positive whole number"),
+    "non_negative": (lambda v: v >= 0, "a finite number >= 0"),
+    "non_negative_int": (lambda v: v >= 0, "a whole number >= 0"),
+    "fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    # the training length: one of the two is given, the other stays 0
+    "iterations": (lambda v: v >= 0, "a positive whole number (or 0 when train.epochs gives the length)"),
+    "epochs": (lambda v: v >= 0, "a positive finite number (or 0 when train.iterations gives the length)"),
+}
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise :class:`SparsetrainError` for the first field of the config dataclass ``obj`` whose
+    value lies outside the range its ``check`` declares, worded as "train.lr must be a positive
+    finite number; got nan". Values of the wrong type are left to :func:`checked`."""
+    section = _SECTION_NAMES.get(type(obj).__name__, "")
+    for f in fields(obj):
+        rule = f.metadata.get("check")
+        value = getattr(obj, f.name)
+        if not rule or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        test, words = RANGES[rule]
+        if not (math.isfinite(value) and test(value)):
+            where = f"{section}.{f.name}" if section else f.name
+            raise SparsetrainError(f"{where} must be {words}; got {value!r}")
+
+
+_SECTION_NAMES = {"PruneConfig": "prune", "TrainConfig": "train"}
 
 
 def later(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
@@ -68,9 +112,10 @@ class PruneConfig:
     """How the mask is found."""
 
     method: str = setting("snip", "pruning method ('dense' trains the unpruned network)", registry="method")
-    sparsity: float = setting(0.95, "fraction of the prunable connections removed, in [0, 1)")
+    sparsity: float = setting(0.95, "fraction of the prunable connections removed, in [0, 1)", check="fraction")
     batches: int = setting(1, "mini-batches scored (1 = the SNIP paper; 0 = the whole training split, "
-                              "gradients summed as spp-public)", flag="prune-batches")
+                              "gradients summed as spp-public)", flag="prune-batches",
+                       check="non_negative_int")
     include_biases: bool = setting(False, "prune biases too (as snip-public)")
     scope: str = setting("global", "where kappa is counted: over all prunable tensors, or per tensor",
                          registry="scope")
@@ -80,13 +125,17 @@ class PruneConfig:
     structure: str = later("", "mask structure: 'N:M' (e.g. '2:4'; needs sparsity 1-N/M), 'blockRxC' "
                                "(e.g. 'block32x32'), or '' (unstructured)")
     rounds: int = later(1, "pruning rounds: the mask carried from round to round, each round scored under "
-                           "the previous round's mask (iterative methods)", flag="prune-rounds")
+                           "the previous round's mask (iterative methods)", flag="prune-rounds",
+                    check="positive_int")
     round_schedule: str = later("exponential", "sparsity of the rounds before the last: exponential is "
                                                "density^(k/R), as iterative SNIP and SynFlow",
                                 registry="round_schedule")
     exclude: tuple[str, ...] = later((), "glob patterns of parameter names never pruned (e.g. 'pos*')")
     options: dict[str, Any] = later(default_factory=dict, help="the pruning method's own options "
                                     "(`sparsetrain list methods` shows them)", flag="option")
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -101,29 +150,37 @@ class TrainConfig:
     used to choose the headline figure."""
 
     optimizer: str = setting("sgd", "optimizer", registry="optimizer")
-    lr: float = setting(0.1, "learning rate")
-    momentum: float = setting(0.9, "momentum (SGD)")
+    lr: float = setting(0.1, "learning rate", check="positive")
+    momentum: float = setting(0.9, "momentum (SGD), in [0, 1)", check="fraction")
     nesterov: bool = setting(False, "Nesterov momentum (SGD)")
-    weight_decay: float = setting(5e-4, "weight decay (L2 penalty 0.5 * wd * sum w^2)")
+    weight_decay: float = setting(5e-4, "weight decay (L2 penalty 0.5 * wd * sum w^2)", check="non_negative")
     schedule: str = setting("step", "learning-rate schedule", registry="schedule")
-    decay_every: int = setting(25000, "iterations between decays (step schedule)")
-    decay_factor: float = setting(0.1, "factor of each decay (step schedule)")
-    end_lr_factor: float = setting(0.0, "final lr / lr (linear and cosine schedules)")
-    iterations: int = setting(0, "training length in iterations (or give epochs)")
-    epochs: float = setting(0.0, "training length in epochs of the training split (or give iterations)")
-    batch_size: int = setting(100, "training batch size")
-    val_fraction: float = setting(0.1, "fraction of the training set held out for validation")
+    decay_every: int = setting(25000, "iterations between decays (step schedule)", check="positive_int")
+    decay_factor: float = setting(0.1, "factor of each decay (step schedule)", check="positive")
+    end_lr_factor: float = setting(0.0, "final lr / lr (linear and cosine schedules)", check="non_negative")
+    iterations: int = setting(0, "training length in iterations (or give epochs)", check="iterations")
+    epochs: float = setting(0.0, "training length in epochs of the training split (or give iterations)",
+                            check="epochs")
+    batch_size: int = setting(100, "training batch size", check="positive_int")
+    val_fraction: float = setting(0.1, "fraction of the training set held out for validation, in [0, 1)",
+                                  check="fraction")
     split_seed: int = setting(0, "seed of the validation split")
-    val_every: int = setting(1000, "validation error every N iterations (0: only at the end)")
-    test_every: int = setting(0, "also record test error every N iterations (the original's protocol)")
-    checkpoint_every: int = setting(1000, "checkpoint every N iterations (resumable runs)")
+    val_every: int = setting(1000, "validation error every N iterations (0: only at the end)",
+                             check="non_negative_int")
+    test_every: int = setting(0, "also record test error every N iterations (the original's protocol)",
+                              check="non_negative_int")
+    checkpoint_every: int = setting(1000, "checkpoint every N iterations (resumable runs; 0: none)",
+                                    check="non_negative_int")
     execution: str = later("dense", "dense: pruned layers train as dense layers with zeros; sparse: pruned "
                                     "Linear layers compute on their kept weights only (faster on CPU for wide, "
                                     "very sparse layers)", registry="execution")
     goal_error: float = later(0.0, "stop at the first validation check with error <= this (0: never); "
-                                   "the run is recorded as 'stopped'")
+                                   "the run is recorded as 'stopped'", check="fraction")
     on_diverge: str = later("raise", "a NaN/inf training loss: 'raise' an error, or record the run as "
                                      "'infeasible' (studies)", registry="on_diverge")
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,16 @@ a :class:`Mask`, a ``dict`` that also says which parameters were left out of it 
 (``left_out``) and any assumption it made (``notes``); every function here takes a plain ``dict``
 as well.
 
+What a mask tensor may hold: ``torch.bool`` (True = kept), or only the values 0 and 1 in any
+integer or floating dtype (converted to bool; 0.5, 2, -1 or NaN are refused, naming the tensor and
+the values), with the shape of its parameter.
+
+A mask file says what it is: :func:`save_mask` writes the method, the real sparsity, the model it
+was made for (name, parameter count, a fingerprint of its parameters' names and shapes), where it
+came from, the sparsetrain version and a sha256 of its content; :func:`load_mask` refuses a file
+whose content no longer matches that checksum, and a mask for another model is refused naming the
+model it was made for.
+
 A tensor shared by several modules (an output layer tied to the embedding) is one parameter with
 several names; a mask names it once, by its first name in ``model.named_parameters()`` order
 (its canonical name), and the functions here accept any of its names.
@@ -22,6 +32,7 @@ several names; a mask names it once, by its first name in ``model.named_paramete
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +50,24 @@ class Mask(dict):
     ``left_out``: ``{name: reason}`` for the model's parameters the mask does not cover
     (``"normalisation layer"``, ``"1-D (bias; include_biases=False)"``, ...);
     ``notes``: ``{name: text}`` for assumptions made about a covered parameter (such as the
-    input axis of a layer class the library does not know)."""
+    input axis of a layer class the library does not know);
+    ``metadata``: ``{key: str}``, what a mask loaded by :func:`load_mask` is: ``method``,
+    ``sparsity`` (the real fraction pruned), ``source`` (the file it was read from), ``sha256``
+    (of its content, :func:`content_sha256`), ``model`` (the model it was made for, "" if the file
+    does not say) and, where the file says, ``model_parameters`` and ``model_fingerprint``.
+    Empty for a mask made in memory."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor] | Iterable = (), *,
-                 left_out: Mapping[str, str] | None = None, notes: Mapping[str, str] | None = None):
+                 left_out: Mapping[str, str] | None = None, notes: Mapping[str, str] | None = None,
+                 metadata: Mapping[str, str] | None = None):
         super().__init__(tensors)
         self.left_out: dict[str, str] = dict(left_out or {})
         self.notes: dict[str, str] = dict(notes or {})
+        self.metadata: dict[str, str] = dict(metadata or {})
 
     def __repr__(self) -> str:
-        return f"Mask({dict.__repr__(self)}, left_out={self.left_out!r}, notes={self.notes!r})"
+        extra = f", metadata={self.metadata!r}" if getattr(self, "metadata", None) else ""
+        return f"Mask({dict.__repr__(self)}, left_out={self.left_out!r}, notes={self.notes!r}{extra})"
 
 
 def _left_out(mask: Mapping) -> dict[str, str]:
@@ -166,46 +185,92 @@ def prunable_parameters(
     return prunable_set(model, include_biases, params, exclude)[0]
 
 
+def as_bool_mask(name: str, m: torch.Tensor, where: str = "") -> torch.Tensor:
+    """``m`` as a bool tensor: a bool tensor as it is, any other dtype only if it holds nothing
+    but 0 and 1 (a float mask of 0.5 would otherwise count as kept, silently). ``where`` (such as
+    "mask file F") starts the error, which names the tensor and its offending values."""
+    if not isinstance(m, torch.Tensor):
+        raise SparsetrainError(f"{where or 'the mask'}: {name!r} is a {type(m).__name__}, not a tensor; "
+                               "a mask maps parameter names to bool tensors")
+    if m.dtype == torch.bool:
+        return m
+    if not m.is_complex():
+        binary = (m == 0) | (m == 1)
+        if bool(binary.all()):
+            return m != 0
+        bad = m[~binary].unique()
+    else:
+        bad = m.flatten()[:5]
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in bad[:5].tolist())
+    more = f" (and {bad.numel() - 5} other values)" if bad.numel() > 5 else ""
+    raise SparsetrainError(
+        f"{where or 'the mask'}: tensor {name!r} ({m.dtype}) holds {shown}{more}: a mask must be boolean "
+        "(True = kept) or hold only 0 and 1 (in any integer or floating dtype), one tensor per parameter "
+        "with its shape. Threshold scores yourself (scores > t) or prune with prune_at_init."
+    )
+
+
 def resolve_mask(mask: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``mask`` keyed by canonical parameter names (a shared tensor's other names are accepted),
-    checked: known names, each tensor named once, equal shapes, bool dtype. Raises a clear
-    :class:`SparsetrainError` otherwise."""
+    """``mask`` keyed by canonical parameter names (a shared tensor's other names are accepted)
+    as bool tensors, checked: known names, each tensor named once, equal shapes, boolean or 0/1
+    values (see :func:`as_bool_mask`). Raises a clear :class:`SparsetrainError` otherwise; for a
+    mask loaded from a file that names its model, the error names that model."""
     params, canonical = parameter_names(model)
     problems = []
     out: dict[str, torch.Tensor] = {}
     named_as: dict[str, str] = {}
+    where = f"mask file {_source(mask)}" if _source(mask) else ""
     for name, m in mask.items():
         if name not in canonical:
-            problems.append(f"{name!r} is not a parameter of the model")
+            shape = f" {tuple(m.shape)}" if isinstance(m, torch.Tensor) else ""
+            problems.append(f"{name!r}{shape} is not a parameter of the model")
             continue
         first = canonical[name]
         shape = tuple(params[first].shape)
         if first in named_as:
             problems.append(f"{name!r} and {named_as[first]!r} name the same shared tensor; keep one")
-        elif tuple(m.shape) != shape:
+        elif isinstance(m, torch.Tensor) and tuple(m.shape) != shape:
             problems.append(f"{name!r} has shape {tuple(m.shape)}, the parameter {shape}")
-        elif m.dtype != torch.bool:
-            problems.append(f"{name!r} has dtype {m.dtype}, expected torch.bool")
         else:
             named_as[first] = name
-            out[first] = m
+            out[first] = as_bool_mask(name, m, where)
     if problems:
-        raise SparsetrainError(
-            "the mask does not fit the model: " + "; ".join(problems[:5])
-            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            + ". Prune this model again, or load the model the mask was made for."
-        )
+        raise _misfit(mask, model, problems)
     return out
+
+
+def _source(mask: Mapping) -> str:
+    return (getattr(mask, "metadata", None) or {}).get("source", "")
+
+
+def _misfit(mask: Mapping, model: nn.Module, problems: list[str]) -> SparsetrainError:
+    """The error for a mask that does not fit ``model``: the problems, and for a mask file that
+    names its model, that model (so "which model was this for?" is answered)."""
+    detail = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+    meta = getattr(mask, "metadata", None) or {}
+    source, made_for = meta.get("source", ""), meta.get("model", "")
+    if source and made_for:
+        count = meta.get("model_parameters", "")
+        theirs = f"model {made_for!r}" + (f" ({int(count):,} parameters)" if count.isdigit() else "")
+        ours = f"{type(model).__name__}, {sum(p.numel() for p in parameter_names(model)[0].values()):,} parameters"
+        return SparsetrainError(
+            f"mask file {source} was made for {theirs}, not this model ({ours}): the mask does not fit "
+            f"the model: {detail}. Load the model the mask was made for, or prune this model "
+            "(`sparsetrain prune`) and train with that mask."
+        )
+    head = f"mask file {source} does not fit the model" if source else "the mask does not fit the model"
+    return SparsetrainError(f"{head}: {detail}. Prune this model again, or load the model the mask was made for.")
 
 
 def check_mask(mask: Mapping[str, torch.Tensor], model: nn.Module) -> None:
     """Raise a clear error unless ``mask`` fits ``model``: known names (any name of a shared
-    tensor), each tensor named once, equal shapes, bool dtype."""
+    tensor), each tensor named once, equal shapes, boolean or 0/1 values."""
     resolve_mask(mask, model)
 
 
 def apply_mask_(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Zero the pruned entries of ``model``'s parameters in place."""
+    """Zero the pruned entries of ``model``'s parameters in place. ``mask``: bool tensors, or 0/1
+    values in any dtype (:func:`as_bool_mask`); anything else is refused before a weight changes."""
     resolved = resolve_mask(mask, model)
     params = parameter_names(model)[0]
     with torch.no_grad():
@@ -285,33 +350,118 @@ def format_sparsity_table(mask: Mapping[str, torch.Tensor]) -> str:
     return "\n".join(lines)
 
 
-def save_mask(path: str | Path, mask: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write ``mask`` to a safetensors file; the parameter order and a :class:`Mask`'s
-    ``left_out`` and ``notes`` travel in its metadata."""
+def content_sha256(mask: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of a mask's content: for each tensor in name order, its name, its shape and the
+    bytes of its boolean values (one byte each, 0 or 1). The same mask always hashes the same,
+    whatever the file's layout or the order of its entries.
+
+    >>> content_sha256({"w": torch.tensor([True, False])}) == content_sha256({"w": torch.tensor([1, 0])})
+    True
+    """
+    digest = hashlib.sha256()
+    for name in sorted(mask):
+        m = mask[name]
+        m = (m if m.dtype == torch.bool else m != 0).detach().cpu().contiguous()
+        digest.update(json.dumps([name, list(m.shape)]).encode())
+        digest.update(m.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> tuple[str, int]:
+    """``(fingerprint, parameter count)`` of a model: 16 hex digits of the sha256 of its distinct
+    parameters' names and shapes (in order), and how many numbers they hold."""
+    params = parameter_names(model)[0]
+    blob = json.dumps([[n, list(p.shape)] for n, p in params.items()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], sum(p.numel() for p in params.values())
+
+
+def save_mask(path: str | Path, mask: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None, *,
+              model: nn.Module | None = None, method: str | None = None, source: str | None = None) -> None:
+    """Write ``mask`` to a safetensors file that says what it is.
+
+    Its metadata holds ``metadata`` (str -> str) and: ``method`` (``method=``, else
+    ``metadata["method"]``, else the mask's own); ``sparsity`` (the real fraction pruned, computed
+    here); ``model`` (``metadata["model"]``, else the mask's own, else the class of ``model``);
+    with ``model``, ``model_parameters`` and ``model_fingerprint`` (:func:`model_fingerprint`), so
+    that loading it for another model names the one it was made for; ``source`` (``source=``: the
+    command line or run that made it; else ``"run <metadata['key']>"``); ``sparsetrain_version``;
+    ``sha256`` (:func:`content_sha256`), which :func:`load_mask` checks. The parameter order and a
+    :class:`Mask`'s ``left_out`` and ``notes`` travel too. A tensor that is neither boolean nor
+    0/1 is refused (:func:`as_bool_mask`)."""
+    from . import __version__
     from .state_io import save_tensors
 
+    tensors = {n: as_bool_mask(n, m).cpu().contiguous() for n, m in mask.items()}
+    own = {k: v for k, v in (getattr(mask, "metadata", None) or {}).items() if k in ("method", "model")}
+    meta = own | dict(metadata or {})
+    if method is not None:
+        meta["method"] = method
+    if model is not None:
+        fingerprint, count = model_fingerprint(model)
+        meta.setdefault("model", type(model).__name__)
+        meta |= {"model_parameters": str(count), "model_fingerprint": fingerprint}
+    if source is not None:
+        meta["source"] = source
+    elif "key" in meta:
+        meta.setdefault("source", f"run {meta['key']}")
+    meta |= {"sparsity": repr(overall_sparsity(tensors)) if tensors else "0.0",
+             "sparsetrain_version": __version__, "sha256": content_sha256(tensors)}
     # safetensors sorts names; the parameter order (which breaks ties) travels in the metadata
-    meta = dict(metadata or {}) | {"sparsetrain.mask_order": json.dumps(list(mask))}
+    meta["sparsetrain.mask_order"] = json.dumps(list(mask))
     if left_out := _left_out(mask):
         meta["sparsetrain.left_out"] = json.dumps(left_out)
     if notes := _notes(mask):
         meta["sparsetrain.notes"] = json.dumps(notes)
-    save_tensors(path, {n: m.to(torch.bool).cpu().contiguous() for n, m in mask.items()}, meta, what="mask")
+    save_tensors(path, tensors, meta, what="mask")
 
 
 def load_mask(path: str | Path, model: nn.Module | None = None) -> Mask:
-    """Load a mask file as a :class:`Mask`; with ``model``, check that it fits (clear error
-    otherwise)."""
+    """Load a mask file as a :class:`Mask` whose ``metadata`` says what it is (method, sparsity,
+    source = ``path``, sha256, model); with ``model``, check that it fits (an error naming the
+    model the file was made for otherwise).
+
+    A file written with a checksum (every file :func:`save_mask` writes) is refused if its
+    content no longer matches it (bytes overwritten on disk, a bad copy). Files written before
+    mask files carried a checksum still load, unchecked; their ``method`` comes from the config
+    they recorded, if any. A tensor that is neither boolean nor 0/1 is refused, naming it."""
     from .state_io import load_tensors
 
     tensors, metadata = load_tensors(path)
+    where = f"mask file {path}"
     order = json.loads(metadata.get("sparsetrain.mask_order", "[]"))
     names = order if sorted(order) == sorted(tensors) else list(tensors)
+    masks = {n: as_bool_mask(n, tensors[n], where) for n in names}
+    found = content_sha256({n: tensors[n] for n in names})  # the stored bytes, as they are
+    expected = metadata.get("sha256")
+    if expected is not None and found != expected:
+        raise SparsetrainError(
+            f"{where} is damaged: its content does not match the checksum written with it (sha256 "
+            f"{found[:16]}..., expected {expected[:16]}...); re-create it with `sparsetrain prune`"
+        )
+    masks = {n: m if m.dtype != torch.bool else m.view(torch.uint8) != 0 for n, m in masks.items()}
+    info = {
+        "method": metadata.get("method") or _recorded_method(metadata),
+        "sparsity": repr(overall_sparsity(masks)) if masks else "0.0",
+        "source": str(path),
+        "sha256": found,
+        "model": metadata.get("model", ""),
+    }
+    info |= {k: metadata[k] for k in ("model_parameters", "model_fingerprint") if k in metadata}
     mask = Mask(
-        {n: tensors[n].to(torch.bool) for n in names},
+        masks,
         left_out=json.loads(metadata.get("sparsetrain.left_out", "{}")),
         notes=json.loads(metadata.get("sparsetrain.notes", "{}")),
+        metadata=info,
     )
     if model is not None:
         check_mask(mask, model)
     return mask
+
+
+def _recorded_method(metadata: Mapping[str, str]) -> str:
+    """The pruning method of the config an older mask file recorded (``sparsetrain prune`` wrote
+    its whole config), else ""."""
+    try:
+        return str(json.loads(metadata.get("config", "{}")).get("prune", {}).get("method", ""))
+    except (ValueError, AttributeError):
+        return ""

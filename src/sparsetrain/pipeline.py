@@ -69,8 +69,9 @@ class Built:
 
 def validate(config: RunConfig, training: bool = True) -> None:
     """Fail fast, before any data is read, on names and values that cannot work: registry names
-    (with close matches), the model's, data set's and method's own arguments, numbers out of
-    range."""
+    (with close matches), the model's, data set's and method's own arguments, the combinations
+    of settings (numbers out of range were refused when the config was made: see
+    :data:`sparsetrain.config.RANGES`)."""
     MODELS.get(config.model)
     DATASETS.get(config.dataset)
     INITS.get(config.init)
@@ -91,10 +92,6 @@ def validate(config: RunConfig, training: bool = True) -> None:
         INITS.get(p.reinit)
     if p.scope not in SCOPES:
         raise SparsetrainError(f"unknown scope {p.scope!r}; choose one of {', '.join(SCOPES)}")
-    if p.batches < 0:
-        raise SparsetrainError("prune.batches must be >= 0 (0 scores the whole training split)")
-    if p.rounds < 1:
-        raise SparsetrainError(f"prune.rounds must be at least 1, got {p.rounds}")
     if p.round_schedule not in ROUND_SCHEDULES:
         raise SparsetrainError(f"unknown prune.round_schedule {p.round_schedule!r}; choose one of {', '.join(ROUND_SCHEDULES)}")
     if training:
@@ -103,7 +100,12 @@ def validate(config: RunConfig, training: bool = True) -> None:
 
 def validate_training(t: TrainConfig) -> None:
     """The training settings' names and ranges."""
-    if (t.iterations > 0) == (t.epochs > 0):
+    if t.iterations == 0 and t.epochs == 0:
+        raise SparsetrainError(
+            "the training length must be positive: give train.iterations (--iterations N) or "
+            f"train.epochs (--epochs E) as a positive number (got iterations={t.iterations}, epochs={t.epochs})"
+        )
+    if t.iterations > 0 and t.epochs > 0:
         raise SparsetrainError(
             "give the training length as exactly one of train.iterations or train.epochs "
             f"(got iterations={t.iterations}, epochs={t.epochs})"
@@ -117,8 +119,6 @@ def validate_training(t: TrainConfig) -> None:
         )
     if t.on_diverge not in DIVERGE_CHOICES:
         raise SparsetrainError(f"unknown on_diverge {t.on_diverge!r}; choose one of {', '.join(DIVERGE_CHOICES)}")
-    if not 0.0 <= t.goal_error < 1.0:
-        raise SparsetrainError(f"goal_error must be in [0, 1) (0: no goal), got {t.goal_error}")
 
 
 # --- stage 1: build ------------------------------------------------------------------------------

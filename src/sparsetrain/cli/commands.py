@@ -26,11 +26,12 @@ def _store(args) -> RunStore:
     return RunStore(args.store or default_store_root())
 
 
-def _print_outcome(outcome) -> None:
+def _print_outcome(outcome, method: str | None = None) -> None:
+    """``method``: how the mask was found, when not by the config (``train --mask``)."""
     r = outcome.results
     state = "already recorded (use --force to run again)" if outcome.reused else outcome.status
     print(f"run {outcome.key} {state}: {outcome.config.model} on {outcome.config.dataset}, "
-          f"{outcome.config.prune.method} at {r.get('sparsity', 0):.2%} sparsity")
+          f"{method or outcome.config.prune.method} at {r.get('sparsity', 0):.2%} sparsity")
     rows = [{"name": n, **v} for n, v in outcome.layer_sparsity.items() if "left_out" not in v]
     if rows:
         width = max(len(x["name"]) for x in rows)
@@ -86,14 +87,26 @@ def _prune(args):
     if config.prune.method == DENSE:
         raise SparsetrainError("--method dense keeps every connection: there is no mask to write")
     validate(config, training=False)
-    if Path(args.out).is_dir():
-        raise SparsetrainError(f"--out {args.out} is a folder; name the mask file to write, e.g. {Path(args.out) / 'mask.safetensors'}")
+    _check_out(Path(args.out))  # before pruning, so that a wrong path costs nothing
     built = build(config, data_dir=args.data_dir, device=args.device)
     mask = find_mask(config, built)
     save_mask(args.out, mask, {"model": config.model, "dataset": config.dataset,
-                               "config": json.dumps(config.to_dict())})
+                               "config": json.dumps(config.to_dict())},
+              model=built.model, method=config.prune.method, source=" ".join(["sparsetrain", *args.argv]))
     print(format_sparsity_table(mask))
     print(f"mask written to {args.out}")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a file: an existing folder, or a path through a file."""
+    if out.is_dir():
+        raise SparsetrainError(f"--out {out} is a folder; name the mask file to write, e.g. {out / 'mask.safetensors'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SparsetrainError(f"--out {out}: {parent} is a file, not a folder; name a mask file in a "
+                                       "folder (missing folders are created)")
+            break
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -106,15 +119,17 @@ def _train_flags(p):
 
 def _train(args):
     config = config_from_args(args)
-    mask = load_mask(args.mask)  # checked against the model (built for the data set) by run()
+    # checked here (values, checksum) and against the model (built for the data set) by run()
+    mask = load_mask(args.mask)
     try:
         outcome = run(config, store=_store(args), data_dir=args.data_dir, device=args.device,
                       force=args.force, progress=not args.no_progress, mask=mask)
     except SparsetrainError as err:
-        if "mask does not fit" in str(err):
+        if "mask does not fit" in str(err) and str(args.mask) not in str(err):
             raise SparsetrainError(f"{args.mask}: {err}") from None
         raise
-    _print_outcome(outcome)
+    # the mask says how it was found; the config's prune.method (default snip) was not used
+    _print_outcome(outcome, method=mask.metadata.get("method") or f"mask {args.mask}")
 
 
 # --- list, runs ----------------------------------------------------------------------------------

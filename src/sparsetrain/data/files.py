@@ -95,7 +95,9 @@ class DataFile:
 def resolve_data_root(data_dir: str | Path | None = None) -> Path:
     """The data root: ``data_dir`` if given, else ``$SPARSETRAIN_DATA``, else ``~/.cache/sparsetrain``.
 
-    Data set ``name`` lives in ``<root>/<name>/``.
+    Data set ``name`` lives in ``<root>/<name>/``. A root the user names must exist (a typo must
+    not grow a tree of folders); only the default cache is created when missing
+    (:func:`data_folder`).
     """
     if data_dir is not None and str(data_dir) != "":
         return Path(data_dir).expanduser()
@@ -103,6 +105,26 @@ def resolve_data_root(data_dir: str | Path | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "sparsetrain"
+
+
+def check_root(root: Path, data_dir: str | Path | None = None) -> bool:
+    """Refuse a data root named by ``data_dir`` or ``$SPARSETRAIN_DATA`` that is not an existing
+    folder. Returns whether the root was named (False: the default cache, created when needed)."""
+    given = data_dir is not None and str(data_dir) != ""
+    named = given or bool(os.environ.get(DATA_ENV))
+    if named and not root.is_dir():
+        how = "pass an existing --data-dir" if given else f"point ${DATA_ENV} at an existing folder"
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise SparsetrainError(f"data root {root} {problem}; create it or {how}")
+    return named
+
+
+def data_folder(root: Path, name: str, data_dir: str | Path | None = None) -> Path:
+    """Create ``<root>/<name>/`` to download into, and nothing above it in a root the user named
+    (:func:`check_root`); the default cache root is created with it."""
+    folder = root / name
+    folder.mkdir(parents=not check_root(root, data_dir), exist_ok=True)
+    return folder
 
 
 def find_file(folder: Path, file: DataFile) -> Path | None:
@@ -146,11 +168,13 @@ def locate_files(
     folder = root / name
     found = {f.name: find_file(folder, f) for f in files}
     missing = [f for f in files if found[f.name] is None]
+    if missing:
+        check_root(root, data_dir)
     if missing and not download:
         raise not_found(name, root, folder, files, missing, "Downloading is off (download=False).")
     if missing:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            data_folder(root, name, data_dir)
         except OSError as e:
             reason = f"Cannot create {folder} to download into: {e}."
             raise not_found(name, root, folder, files, missing, reason) from e

@@ -102,9 +102,36 @@ class TrainResult:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` this machine has (None or "auto": cuda when available,
+    else cpu). An unknown device string, CUDA on a machine without it, or a GPU index past the
+    last raise :class:`SparsetrainError` saying what to pass instead."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise SparsetrainError(
+            f"unknown device {device!r}: use cpu, cuda or cuda:N (an index), or mps on Apple silicon"
+        ) from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SparsetrainError(
+                f"CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise SparsetrainError(
+                f"device {device!r} does not exist: this machine has {count} CUDA device(s), "
+                f"cuda:0..cuda:{count - 1}; use one of those or --device cpu"
+            )
+    elif resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise SparsetrainError(f"MPS is not available on this machine (torch {torch.__version__}); use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        try:
+            torch.empty(1, device=resolved)
+        except (RuntimeError, AssertionError) as err:
+            raise SparsetrainError(f"device {device!r} cannot be used on this machine ({err}); use --device cpu") from None
+    return resolved
 
 
 @torch.no_grad()
