@@ -249,7 +249,7 @@ def test_table_group_and_parent_columns(store):
     _begin(store, "fedcba9876543210", parent="0123456789abcdef")
     store.finish("fedcba9876543210", {}, status="infeasible")
     records = store.list()
-    assert "group" not in DEFAULT_COLUMNS and set(TABLE_COLUMNS) == {*DEFAULT_COLUMNS, "group", "parent"}
+    assert "group" not in DEFAULT_COLUMNS and set(TABLE_COLUMNS) == {*DEFAULT_COLUMNS, "group", "parent", "iterations", "lr"}
     lines = format_runs_table(records, columns=["key", "status", "group", "parent"]).splitlines()
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert cells[0] == ["key", "status", "group", "parent"]

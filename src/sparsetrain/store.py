@@ -1377,12 +1377,14 @@ DEFAULT_COLUMNS = (
     "key", "name", *_CONFIG_COLUMNS, "seed", "status", *_PERCENT_COLUMNS, "created_at", "updated_at",
 )  # fmt: skip
 # Shown on request (``columns=``), not by default.
-TABLE_COLUMNS = (*DEFAULT_COLUMNS, "group", "parent")
-_RIGHT_ALIGNED = frozenset({"sparsity", "seed", *_PERCENT_COLUMNS})
+TABLE_COLUMNS = (*DEFAULT_COLUMNS, "group", "parent", "iterations", "lr")
+_RIGHT_ALIGNED = frozenset({"sparsity", "seed", "iterations", "lr", *_PERCENT_COLUMNS})
 _MISSING = "-"
 
 
-def format_runs_table(records: Sequence[RunRecord], columns: Sequence[str] | None = None) -> str:
+def format_runs_table(
+    records: Sequence[RunRecord], columns: Sequence[str] | None = None, *, steps: dict[str, int | None] | None = None
+) -> str:
     """An aligned markdown pipe table of ``records``, one row each, headed by the column names.
 
     Columns (default: DEFAULT_COLUMNS, in this order): key (first 10 chars), name, model,
@@ -1391,15 +1393,19 @@ def format_runs_table(records: Sequence[RunRecord], columns: Sequence[str] | Non
     decimals, e.g. ``7.53%``), created_at and updated_at (``YYYY-MM-DD HH:MM:SS``, UTC; a running
     run updates it at every logged metric, so a 'running' run whose updated_at has stopped moving
     died, and resumes when run again). Also available (TABLE_COLUMNS): group (``kind:name``)
-    and parent (its first 10 chars). Statuses show as stored (RUN_STATUSES). Missing values show
-    as ``-``. A config entry is looked up at the top level, else in nested dicts; a dict value
-    shows its ``name`` entry. Raises SparsetrainError for unknown column names.
+    and parent (its first 10 chars); iterations (``done/planned``: done from the results'
+    ``steps``, else from ``steps[key]``, e.g. a running run's last logged step; planned from the
+    config's ``iterations``, or ``<epochs>ep``) and lr (the config's learning rate). Statuses show
+    as stored (RUN_STATUSES). Missing values show as ``-``. A config entry is looked up at the top
+    level, else in nested dicts; a dict value shows its ``name`` entry. Raises SparsetrainError
+    for unknown column names.
     """
     columns = tuple(DEFAULT_COLUMNS if columns is None else columns)
+    steps = steps or {}
     unknown = [c for c in columns if c not in TABLE_COLUMNS]
     if unknown:
         raise SparsetrainError(f"unknown run table columns {unknown}; choose from {', '.join(TABLE_COLUMNS)}")
-    rows = [[_cell(record, column).replace("|", "\\|") for column in columns] for record in records]
+    rows = [[_cell(record, column, steps).replace("|", "\\|") for column in columns] for record in records]
     widths = [max([len(column), 3, *(len(row[i]) for row in rows)]) for i, column in enumerate(columns)]
     right = [column in _RIGHT_ALIGNED for column in columns]
     lines = [
@@ -1415,7 +1421,9 @@ def _table_line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _cell(record: RunRecord, column: str) -> str:
+def _cell(record: RunRecord, column: str, steps: dict[str, int | None]) -> str:
+    if column == "iterations":
+        return _iterations(record, steps.get(record.key))
     if column == "key":
         return record.key[:10]
     if column == "name":
@@ -1433,6 +1441,20 @@ def _cell(record: RunRecord, column: str) -> str:
     if column in _PERCENT_COLUMNS:
         return _percent((record.results or {}).get(column))
     return _show(_config_value(record.config, column))
+
+
+def _iterations(record: RunRecord, logged: int | None) -> str:
+    done = (record.results or {}).get("steps")
+    if isinstance(done, bool) or not isinstance(done, int):
+        done = logged
+    iterations, epochs = _config_value(record.config, "iterations"), _config_value(record.config, "epochs")
+    if isinstance(iterations, int) and not isinstance(iterations, bool) and iterations > 0:
+        planned = str(iterations)
+    elif isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0:
+        planned = f"{epochs:g}ep"
+    else:
+        planned = _MISSING
+    return f"{_MISSING if done is None else done}/{planned}"
 
 
 def _config_value(config: Any, key: str) -> Any:

@@ -17,9 +17,10 @@ from ..pipeline import DENSE, build, find_mask, validate
 from ..pruning import list_methods, method_spec
 from ..recipes import list_recipes
 from ..run import default_store_root, run
-from ..store import RUN_STATUSES, RunStore, format_runs_table
+from ..store import RunStore
 from ..train.optim import OPTIMIZERS, SCHEDULES
 from .common import add_config_flags, add_env_flags, config_from_args
+from .runs import runs, runs_flags
 
 
 def _store(args) -> RunStore:
@@ -132,7 +133,7 @@ def _train(args):
     _print_outcome(outcome, method=mask.metadata.get("method") or f"mask {args.mask}")
 
 
-# --- list, runs ----------------------------------------------------------------------------------
+# --- list ----------------------------------------------------------------------------------
 
 def _list_flags(p):
     p.add_argument("what", nargs="?", default="all", help="which section (default all)",
@@ -182,25 +183,6 @@ def _list(args):
 
 def _match(name, pattern):
     return fnmatch.fnmatch(name, pattern)
-
-
-def _runs_flags(p):
-    p.add_argument("--name", help="glob on the run (recipe) name")
-    p.add_argument("--status", choices=list(RUN_STATUSES), help="only runs with this status")
-    p.add_argument("--store", help="run store folder (default $SPARSETRAIN_HOME or ./sparsetrain-runs)")
-    p.add_argument("--json", action="store_true", help="print the records as JSON")
-
-
-def _runs(args):
-    records = _store(args).list(name_pattern=args.name, status=args.status)
-    if args.json:
-        print(json.dumps([r.__dict__ for r in records], indent=1, default=str))
-    elif not records:
-        where = args.store or default_store_root()
-        filters = " ".join(f"--{k} {v}" for k, v in (("name", args.name), ("status", args.status)) if v)
-        print(f"no runs in {where} match {filters}" if filters else f"no runs recorded in {where}")
-    else:
-        print(format_runs_table(records))
 
 
 # --- reproduce -----------------------------------------------------------------------------------
@@ -298,7 +280,7 @@ COMMANDS = {
     "prune": ("prune at initialization and write the mask file", _prune_flags, _prune),
     "train": ("train with a mask file from `sparsetrain prune`", _train_flags, _train),
     "list": ("list models, data sets, methods, init schemes and recipes", _list_flags, _list),
-    "runs": ("table of the recorded runs", _runs_flags, _runs),
+    "runs": ("the recorded runs: a table, or show, export, delete, check them", runs_flags, runs),
     "reproduce": ("reproduce a paper's table with its recipes, several seeds", _reproduce_flags, _reproduce),
     "bench": ("dense against sparse execution: latency per layer and end to end, memory, speed-up vs sparsity",
               _bench_flags, _bench),

@@ -6,6 +6,7 @@ edited; a test checks that the committed page is current.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -28,8 +29,18 @@ def reference() -> str:
     sub = next(a for a in parser._actions if a.dest == "command")
     parts = [HEADER, "## sparsetrain\n\n```\n" + parser.format_help() + "```\n"]
     for name in COMMANDS:
-        parts.append(f"## sparsetrain {name}\n\n```\n" + sub.choices[name].format_help() + "```\n")
+        parts += _pages(f"sparsetrain {name}", sub.choices[name])
     return "\n".join(parts)
+
+
+def _pages(title: str, parser) -> list[str]:
+    """The help of ``parser`` and then of each of its own subcommands (``runs show`` ...)."""
+    pages = [f"## {title}\n\n```\n" + parser.format_help() + "```\n"]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                pages += _pages(f"{title} {name}", child)
+    return pages
 
 
 if __name__ == "__main__":
