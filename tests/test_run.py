@@ -157,7 +157,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(config, store=store, progress=False)
     record = store.get(config.key())
-    assert record.status == "failed" and "KeyboardInterrupt" in record.error
+    assert record.status == "interrupted" and "KeyboardInterrupt" in record.error  # Ctrl-C: resumable
+    assert store.lease(config.key()) is None, "the lease is released when the run ends"
     assert load_state(artifacts(store, config.key()) / "checkpoint.safetensors")["step"] == 40
 
     logged_steps.clear()

@@ -9,12 +9,20 @@
 A run is identified by ``config.key()``. Running a finished config again returns the recorded
 outcome without training (``force=True`` starts over); an interrupted run resumes from its mask
 and last checkpoint and ends with the same result as an uninterrupted one.
+
+One run trains once: while it trains, the process holds the run's lease in the store
+(:meth:`RunStore.take_lease`), so the same config started again elsewhere is refused with the
+holder's pid and host (or, with ``wait=True``, waits and returns what the holder recorded). Ctrl-C
+and SIGTERM end it as 'interrupted' (resumable); an error ends it as 'failed' (resumable too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +36,7 @@ from .masks import Mask, load_mask, save_mask
 from .pipeline import (  # noqa: F401  (DENSE, EXECUTIONS, validate, layer_table: part of this module's API)
     DENSE, EXECUTIONS, build, find_mask, init_under_mask, layer_table, overall, pruning_batches, train_stage, validate,
 )
-from .store import TERMINAL_STATUSES, RunStore
+from .store import TERMINAL_STATUSES, HeldLease, RunStatus, RunStore
 from .train.loop import Callback
 
 
@@ -60,31 +68,104 @@ def run(
     group: Any = None,
     parent: str | None = None,
     callbacks: list[Callback] = (),
+    wait: bool = False,
 ) -> RunOutcome:
     """Prune, train and test as ``config`` says; record in ``store`` (``None``: no record).
 
     ``mask``: train with this mask instead of pruning (``sparsetrain train --mask FILE``); the
-    run's identity then includes the mask's content. ``group``: the study or experiment the run
-    belongs to (``("experiment", "snip-table1")``); ``parent``: the key of the run it continues
-    (a pruning round, a rewind point). ``callbacks``: see :class:`sparsetrain.train.loop.Callback`."""
+    run's identity then includes the mask's content, and its record says what was trained: the
+    mask's method (``mask.metadata["method"]``, else "external") and real sparsity in the config's
+    ``prune`` section, and ``mask`` (source file, sha256, model). ``group``: the study or
+    experiment the run belongs to (``("experiment", "snip-table1")``); ``parent``: the key of the
+    run it continues (a pruning round, a rewind point). ``callbacks``: see
+    :class:`sparsetrain.train.loop.Callback`.
+
+    Raises SparsetrainError if another process is training the same run (same key) now, unless
+    ``wait``: then waits until it ends and returns its recorded outcome (or, if it died or failed,
+    takes the run over and resumes it)."""
     validate(config)
     if isinstance(store, (str, Path)):
         store = RunStore(default_store_root() if store == "default" else store)
     key = config.key() if mask is None else _combined_key(config, mask)
-    if store is not None:
-        record = store.get(key)
+    config, recorded = _what_is_trained(config, mask)
+    if store is None:
+        return _execute(config, key, None, data_dir, device, progress, download, mask, callbacks, None)
+    record = store.get(key)
+    if record is not None and record.status in TERMINAL_STATUSES and not force:
+        return _reused(key, config, record)
+    lease = store.take_lease(key, wait=wait)  # before any work: one run trains once
+    try:
+        record = store.get(key)  # the holder we waited for may have finished it
         if record is not None and record.status in TERMINAL_STATUSES and not force:
-            return RunOutcome(key, config, record.results, record.layer_sparsity or {}, reused=True, status=record.status)
+            return _reused(key, config, record)
         if record is not None and force:
             store.delete(key)
-        store.begin(key, config.to_dict(), config.seed, name=config.name, group=group, parent=parent)
+        store.begin(key, recorded, config.seed, name=config.name, group=group, parent=parent)
+        try:
+            with _sigterm_as_interrupt():
+                return _execute(config, key, store, data_dir, device, progress, download, mask, callbacks, lease)
+        except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: an outside stop, resumable
+            _record_end(store, lease, key, f"{type(err).__name__}: {err}", RunStatus.INTERRUPTED)
+            raise
+        except BaseException as err:
+            _record_end(store, lease, key, f"{type(err).__name__}: {err}", RunStatus.FAILED)
+            raise
+    finally:
+        with contextlib.suppress(SparsetrainError):  # e.g. a full disk: the row then reads as stale
+            lease.release()
+
+
+def _reused(key: str, config: RunConfig, record) -> RunOutcome:
+    return RunOutcome(key, config, record.results, record.layer_sparsity or {}, reused=True, status=record.status)
+
+
+def _record_end(store: RunStore, lease: HeldLease, key: str, error: str, status: str) -> None:
+    """Record how the run ended, unless another process took it over (then it is theirs to record).
+    If the store cannot be written (a full disk) the original error is the one worth raising; the
+    run stays 'running' with a lease that reads as stale, i.e. interrupted and resumable."""
+    if lease.lost is not None:
+        return
+    with contextlib.suppress(SparsetrainError):
+        store.fail(key, error, status=status)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received while training: ends the run as 'interrupted', like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within the block, SIGTERM raises :class:`Terminated` (only in the main thread, and only if
+    nobody installed a SIGTERM handler of their own)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated("SIGTERM: the run is kept and resumes from its last checkpoint when started again")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        outcome = _execute(config, key, store, data_dir, device, progress, download, mask, callbacks)
-    except BaseException as err:
-        if store is not None:
-            store.fail(key, f"{type(err).__name__}: {err}")
-        raise
-    return outcome
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _what_is_trained(config: RunConfig, mask: Mask | None) -> tuple[RunConfig, dict[str, Any]]:
+    """The config as it describes the trained network, and the dict recorded in the store.
+
+    With a given mask, the config's pruning defaults say nothing true: the method comes from the
+    mask file's metadata ("external" where it does not say) and the sparsity is the mask's own;
+    the record also says which file (source, sha256, model). The run key is not changed by this.
+    """
+    if mask is None:
+        return config, config.to_dict()
+    metadata = dict(getattr(mask, "metadata", None) or {})
+    method, sparsity = metadata.get("method") or "external", overall(mask)
+    record = config.to_dict()
+    record["prune"] = {**record["prune"], "method": method, "sparsity": sparsity}
+    record["mask"] = {k: metadata[k] for k in ("source", "sha256", "model", "method", "sparsity") if k in metadata}
+    return config.replace(prune={"method": method, "sparsity": sparsity}), record
 
 
 def _combined_key(config: RunConfig, mask: Mask) -> str:
@@ -95,7 +176,7 @@ def _combined_key(config: RunConfig, mask: Mask) -> str:
     return digest.hexdigest()[:16]
 
 
-def _execute(config, key, store, data_dir, device, progress, download, given_mask, callbacks) -> RunOutcome:
+def _execute(config, key, store, data_dir, device, progress, download, given_mask, callbacks, lease) -> RunOutcome:
     built = build(config, data_dir=data_dir, device=device, download=download)
     folder = store.artifact_dir(key) if store is not None else None
 
@@ -113,12 +194,17 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
 
     layers = layer_table(mask, built.model)
     model, hooks = init_under_mask(config, built, mask)
-    on_metrics = (lambda step, values: store.log_metrics(key, step, values)) if store is not None else None
+    on_metrics = None
+    if store is not None:
+        def on_metrics(step, values):
+            lease.check()  # taken over by another process: stop before writing anything of theirs
+            store.log_metrics(key, step, values)
     result = train_stage(config, built, model, hooks, mask, progress=progress, on_metrics=on_metrics,
                          checkpoint_path=folder / "checkpoint.safetensors" if folder is not None else None,
                          callbacks=callbacks)
     results = result.as_results() | {"sparsity": overall(mask), "device": str(built.device)}
     timings = {"prune_seconds": prune_seconds, "train_seconds": result.seconds}
     if store is not None:
+        lease.check()
         store.finish(key, results, layer_sparsity=layers, timings=timings, status=result.status)
     return RunOutcome(key, config, results, layers, reused=False, status=result.status)

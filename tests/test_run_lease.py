@@ -1,0 +1,201 @@
+"""One run trains once: the lease a training run holds in the store (in-process tests).
+
+Each test trains mlp-tiny on the synthetic data for a few dozen iterations, or only takes leases.
+The real two-process and kill tests are in test_run_processes.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import sparsetrain.store as store_module
+from sparsetrain.config import RunConfig
+from sparsetrain.errors import SparsetrainError
+from sparsetrain.run import run
+from sparsetrain.store import RunStore
+from sparsetrain.train.loop import Callback
+
+
+def tiny(iterations: int = 40) -> RunConfig:
+    train = {"iterations": iterations, "val_every": 20, "checkpoint_every": 20}
+    return RunConfig(model="mlp-tiny", dataset="synthetic", name="tiny").replace(prune={"sparsity": 0.9}, train=train)
+
+
+def _plant_lease(store: RunStore, key: str, *, host: str, pid: int, age_s: float) -> None:
+    """A lease row as another process would have written it (written here with plain SQL)."""
+    beat = time.time() - age_s
+    conn = sqlite3.connect(store.db_path)
+    try:
+        conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (key, host, pid, "someone-else", "2026-01-01T00:00:00.000000+00:00",
+                      "2026-01-01T00:00:00.000000+00:00", beat))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_held_run_is_refused_naming_the_holder(tmp_path):
+    store = RunStore(tmp_path / "store")
+    config = tiny()
+    lease = store.take_lease(config.key())
+    try:
+        with pytest.raises(SparsetrainError, match=rf"run {config.key()} is being trained by pid \d+ on host "
+                           rf"{socket.gethostname()} since .* UTC; wait for it, or pass --wait"):
+            run(config, store=store, progress=False)
+    finally:
+        lease.release()
+    assert store.get(config.key()) is None, "refused before any record or work"
+    assert run(config, store=store, progress=False).reused is False
+
+
+def test_a_fresh_lease_of_another_host_is_respected_and_a_stale_one_taken_over(tmp_path):
+    store = RunStore(tmp_path / "store")
+    config = tiny()
+    _plant_lease(store, config.key(), host="elsewhere", pid=4242, age_s=1.0)
+    with pytest.raises(SparsetrainError, match="being trained by pid 4242 on host elsewhere"):
+        run(config, store=store, progress=False)
+    _plant_lease(store, config.key(), host="elsewhere", pid=4242, age_s=store_module.LEASE_STALE_S + 5)
+    outcome = run(config, store=store, progress=False)
+    assert outcome.reused is False and outcome.status == "finished"
+    assert store.lease(config.key()) is None
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    store = RunStore(tmp_path / "store")
+    config = tiny()
+    _plant_lease(store, config.key(), host=socket.gethostname(), pid=_dead_pid(), age_s=0.0)
+    assert store.lease(config.key()).stale
+    assert run(config, store=store, progress=False).reused is False
+
+
+def test_taking_a_lease_is_atomic(tmp_path):
+    store = RunStore(tmp_path / "store")
+    threads, barrier = 6, threading.Barrier(6)
+    won, refused = [], []
+
+    def contender():
+        barrier.wait()
+        try:
+            won.append(store.take_lease("k"))
+        except SparsetrainError as exc:
+            refused.append(str(exc))
+
+    workers = [threading.Thread(target=contender) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(won) == 1 and len(refused) == threads - 1
+    assert all("is being trained by" in r for r in refused)
+    won[0].release()
+
+
+def test_the_heartbeat_renews_and_a_lost_lease_is_noticed(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "LEASE_HEARTBEAT_S", 0.02)
+    store = RunStore(tmp_path / "store")
+    lease = store.take_lease("k")
+    first = store.lease("k").beat_unix
+    deadline = time.time() + 5
+    while store.lease("k").beat_unix == first and time.time() < deadline:
+        time.sleep(0.02)
+    assert store.lease("k").beat_unix > first, "the heartbeat thread renews the lease"
+    _plant_lease(store, "k", host="elsewhere", pid=7, age_s=0.0)  # another process took it over
+    while lease.lost is None and time.time() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(SparsetrainError, match="taken over by pid 7 on host elsewhere"):
+        lease.check()
+    lease.release()
+    assert store.lease("k").host == "elsewhere", "releasing a lost lease leaves the new holder's"
+
+
+class _Hold(Callback):
+    """Blocks the training at its first step until ``go`` is set; counts steps trained."""
+
+    def __init__(self, started: threading.Event, go: threading.Event):
+        self.started, self.go, self.steps = started, go, 0
+
+    def on_step(self, step, loss):
+        self.steps += 1
+        self.started.set()
+        self.go.wait(timeout=60)
+        return None
+
+
+def test_wait_returns_the_result_the_holder_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "LEASE_POLL_S", 0.02)
+    store = RunStore(tmp_path / "store")
+    config = tiny()
+    started, go = threading.Event(), threading.Event()
+    hold = _Hold(started, go)
+    first: list = []
+    holder = threading.Thread(target=lambda: first.append(run(config, store=store, progress=False, callbacks=[hold])))
+    holder.start()
+    assert started.wait(timeout=60)
+    threading.Timer(0.3, go.set).start()
+    second = run(config, store=store, progress=False, wait=True)  # blocks until the holder is done
+    holder.join()
+    assert first[0].reused is False and second.reused is True
+    assert second.results == first[0].results and hold.steps == 40
+    assert store.get(config.key()).status == "finished"
+
+
+def test_a_run_whose_lease_is_taken_over_stops_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "LEASE_HEARTBEAT_S", 0.01)
+    store = RunStore(tmp_path / "store")
+    config = tiny(iterations=60)
+
+    class TakeOver(Callback):
+        def on_step(self, step, loss):
+            if step == 10:
+                _plant_lease(store, config.key(), host="elsewhere", pid=99, age_s=0.0)
+                time.sleep(0.3)  # a few heartbeats: this process learns it lost the lease
+            return None
+
+    with pytest.raises(SparsetrainError, match="taken over by pid 99 on host elsewhere"):
+        run(config, store=store, progress=False, callbacks=[TakeOver()])
+    record = store.get(config.key())
+    assert record.status == "running" and record.error is None, "the record is the new holder's"
+    assert store.lease(config.key()).host == "elsewhere"
+
+
+def test_ctrl_c_ends_the_run_interrupted_and_releases_the_lease(tmp_path):
+    store = RunStore(tmp_path / "store")
+    config = tiny()
+
+    class CtrlC(Callback):
+        def on_step(self, step, loss):
+            if step == 25:
+                raise KeyboardInterrupt
+            return None
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config, store=store, progress=False, callbacks=[CtrlC()])
+    record = store.get(config.key())
+    assert record.status == "interrupted" and record.lease is None
+    assert [r.key for r in store.list(status="interrupted")] == [config.key()]
+    assert run(config, store=store, progress=False).status == "finished"
+
+
+def test_a_killed_runs_stale_lease_lists_as_interrupted(tmp_path):
+    store = RunStore(tmp_path / "store")
+    store.begin("k", {}, seed=0, versions={})
+    _plant_lease(store, "k", host=socket.gethostname(), pid=_dead_pid(), age_s=0.0)
+    record = store.get("k")
+    assert record.status == "interrupted" and record.lease.stale
+    assert [r.key for r in store.list(status="interrupted")] == ["k"] and store.list(status="running") == []
+    conn = sqlite3.connect(store.db_path)
+    assert conn.execute("SELECT status FROM runs").fetchone()[0] == "running", "stored as is; shown as it is"
+    conn.close()
