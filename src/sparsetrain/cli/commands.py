@@ -64,6 +64,9 @@ def _run_flags(p):
     add_config_flags(p)
     p.add_argument("--force", action="store_true", help="run again even if this config is recorded")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is training this run now, wait for it and print its result "
+                   "(without --wait: refused, naming that process)")
 
 
 def _run(args):
@@ -72,7 +75,7 @@ def _run(args):
         print(config.to_toml(), end="")
         return 0
     outcome = run(config, store=_store(args), data_dir=args.data_dir, device=args.device,
-                  force=args.force, progress=not args.no_progress)
+                  force=args.force, progress=not args.no_progress, wait=args.wait)
     _print_outcome(outcome)
 
 
@@ -116,6 +119,9 @@ def _train_flags(p):
     add_config_flags(p)
     p.add_argument("--mask", required=True, help="mask file written by `sparsetrain prune`")
     p.add_argument("--force", action="store_true", help="train again even if this config and mask are recorded")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is training this run now, wait for it and print its result "
+                   "(without --wait: refused, naming that process)")
 
 
 def _train(args):
@@ -124,7 +130,7 @@ def _train(args):
     mask = load_mask(args.mask)
     try:
         outcome = run(config, store=_store(args), data_dir=args.data_dir, device=args.device,
-                      force=args.force, progress=not args.no_progress, mask=mask)
+                      force=args.force, progress=not args.no_progress, mask=mask, wait=args.wait)
     except SparsetrainError as err:
         if "mask does not fit" in str(err) and str(args.mask) not in str(err):
             raise SparsetrainError(f"{args.mask}: {err}") from None
