@@ -294,6 +294,26 @@ def test_delete_refuses_a_run_being_trained(capsys, tmp_path):
     assert code == 0 and store.get("1111000011112222") is None
 
 
+def test_delete_when_the_artifact_folder_cannot_be_removed(capsys, tmp_path, monkeypatch):
+    store = _two_runs(tmp_path)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("sparsetrain.store.shutil.rmtree", refuse)
+    code, _, err = cli(capsys, "runs", "delete", "eeee", "--yes", "--store", tmp_path)
+    assert code == 2 and "its artifact folder could not be removed" in err and "by hand" in err
+    assert store.get("eeee000011112222") is None and store.get("ffff000011112222") is not None
+
+
+def test_delete_on_a_full_disk_deletes_nothing(capsys, tmp_path):
+    store = _two_runs(tmp_path)
+    with fsio.simulate_full_disk("store"):
+        code, _, err = cli(capsys, "runs", "delete", "eeee", "--yes", "--store", tmp_path)
+    assert code == 2 and "no space left" in err
+    assert store.get("eeee000011112222") is not None and (tmp_path / "runs" / "eeee000011112222").is_dir()
+
+
 def test_delete_unknown_key(capsys, tmp_path):
     _two_runs(tmp_path)
     code, _, err = cli(capsys, "runs", "delete", "eeee", "9999", "--yes", "--store", tmp_path)
@@ -321,12 +341,17 @@ def test_check_finds_damage_and_repair_keeps_the_readable_runs(capsys, tmp_path)
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     conn.close()
     data = bytearray(db.read_bytes())
-    marker = data.find(b"0030aaaaaaaaaaaa")  # a row in the middle of the table
-    page = marker // page_size
-    data[page * page_size + 8: page * page_size + 200] = b"\xff" * 192
+    # the runs-table page holding run 30's row (its key followed by its config; the key index has it alone)
+    page = next(m.start() // page_size for m in re.finditer(b"0030aaaaaaaaaaaa", data)
+                if b"x" * 100 in data[m.start(): m.start() + 1000])
+    data[page * page_size: (page + 1) * page_size] = b"\xa5" * page_size  # not a b-tree page any more
     db.write_bytes(bytes(data))
     code, out, _ = cli(capsys, "runs", "check", "--store", tmp_path)
     assert code == 1 and out.strip()
+    code, out, err = cli(capsys, "runs", "--store", tmp_path)  # the listing still shows what it can read
+    assert code == 0 and "0000aaaaaa" in out and "0059aaaaaa" in out
+    assert "could not be read" in err and "0030aaaaaaaaaaaa" in err and "runs check --repair" in err
+    assert "0030aaaaaa" not in out
     code, out, _ = cli(capsys, "runs", "check", "--repair", "--store", tmp_path)
     assert out.strip()
     kept = {r.key for r in RunStore(tmp_path).list()}

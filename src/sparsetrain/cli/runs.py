@@ -65,7 +65,7 @@ def runs(args) -> int | None:
 def _list(args) -> None:
     store = _store(args)
     records = store.list(name_pattern=args.name, status=args.status)
-    damage = records.damage() if hasattr(records, "damage") else ""
+    damage = records.damage()  # rows on a damaged page: the others are listed, these named
     if damage:
         print(f"sparsetrain runs: warning: {damage}", file=sys.stderr)
     if args.json:
