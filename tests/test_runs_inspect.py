@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import re
 import sys
 
@@ -229,6 +230,40 @@ def test_export_tensorboard_without_tensorboard_says_how_to_install(capsys, trai
     assert not (tmp_path / "tb").exists()
 
 
+def test_export_tensorboard_puts_every_point_in_each_runs_folder(capsys, trained, tmp_path, monkeypatch):
+    """The plumbing, with a stand-in SummaryWriter (tensorboard itself is not a dependency)."""
+    import types
+
+    calls: dict[str, list[tuple[str, float, int]]] = {}
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+            calls[log_dir] = []
+
+        def add_scalar(self, name, value, step):
+            calls[self.log_dir].append((name, value, step))
+
+        def add_text(self, name, text):
+            pass
+
+        def close(self):
+            from pathlib import Path
+
+            Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.log_dir) / "events.out.tfevents.1").write_bytes(b"events")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    store, key, _ = trained
+    code, out, err = cli(capsys, "runs", "export", "--format", "tensorboard", "--out", tmp_path / "tb",
+                         "--store", store.root)
+    assert code == 0, err
+    (points,) = calls.values()
+    assert sorted(points) == sorted((n, v, s) for n, pts in store.metrics(key).items() for s, v in pts)
+    assert (tmp_path / "tb" / key / "events.out.tfevents.1").read_bytes() == b"events"
+    assert [p.name for p in (tmp_path / "tb").iterdir()] == [key]  # no temporary files left
+
+
 def test_export_tensorboard_writes_event_files(capsys, trained, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -285,6 +320,8 @@ def test_delete_refuses_a_run_being_trained(capsys, tmp_path):
     store.begin("1111000011112222", {"model": "m"}, seed=0)
     lease = store.take_lease("1111000011112222")
     try:
+        code, out, _ = cli(capsys, "runs", "show", "1111", "--store", tmp_path)
+        assert code == 0 and f"being trained now: its lease is held by pid {os.getpid()}" in out
         code, _, err = cli(capsys, "runs", "delete", "1111", "eeee", "--yes", "--store", tmp_path)
         assert code == 2 and "run 1111000011112222 is being trained" in err and "pid" in err
         assert len(store.list()) == 3  # nothing deleted, not even the other run
@@ -410,6 +447,21 @@ def test_load_run_refuses_what_has_no_final_weights(tmp_path):
         st.load_run("3333", store=tmp_path)
     with pytest.raises(st.SparsetrainError, match="weights must be"):
         st.load_run("2222", store=tmp_path, weights="best")
+
+
+def test_load_run_with_damaged_artifacts(tmp_path):
+    config = st.RunConfig(model="mlp-tiny", dataset="synthetic").replace(train={"iterations": 20})
+    outcome = st.run(config, store=tmp_path, progress=False, device="cpu")
+    folder = tmp_path / "runs" / outcome.key
+    checkpoint = folder / "checkpoint.safetensors"
+    good = checkpoint.read_bytes()
+    checkpoint.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(st.SparsetrainError, match="not a readable safetensors file"):
+        st.load_run(outcome.key, store=tmp_path)
+    checkpoint.write_bytes(good)
+    (folder / "mask.safetensors").unlink()
+    with pytest.raises(st.SparsetrainError, match="mask file .* is missing"):
+        st.load_run(outcome.key, store=tmp_path)
 
 
 # --- the parser ----------------------------------------------------------------------------------

@@ -180,6 +180,8 @@ def format_run(record: RunRecord, metrics: dict[str, list[tuple[int, float]]],
         lines.append("  versions " + ", ".join(f"{k} {v}" for k, v in sorted(record.versions.items())))
     if record.error:
         lines.append(f"  error: {record.error}")
+    if being_trained(record):
+        lines.append(f"  being trained now: {being_trained(record)}")
 
     lines += ["", "config"]
     flat = flatten(record.config)
