@@ -17,22 +17,22 @@ from ..pipeline import DENSE, build, find_mask, validate
 from ..pruning import list_methods, method_spec
 from ..recipes import list_recipes
 from ..run import default_store_root, run
-from ..store import RunStore
 from ..train.optim import OPTIMIZERS, SCHEDULES
 from .common import add_config_flags, add_env_flags, config_from_args
 from .runs import runs, runs_flags
 
 
-def _store(args) -> RunStore:
-    return RunStore(args.store or default_store_root())
+def _store(args) -> Path:
+    """The run store's folder: run() opens it only once the config is valid, so that a refused
+    config leaves no store folder behind."""
+    return Path(args.store or default_store_root())
 
 
-def _print_outcome(outcome, method: str | None = None) -> None:
-    """``method``: how the mask was found, when not by the config (``train --mask``)."""
+def _print_outcome(outcome) -> None:
     r = outcome.results
     state = "already recorded (use --force to run again)" if outcome.reused else outcome.status
     print(f"run {outcome.key} {state}: {outcome.config.model} on {outcome.config.dataset}, "
-          f"{method or outcome.config.prune.method} at {r.get('sparsity', 0):.2%} sparsity")
+          f"{outcome.config.prune.method} at {r.get('sparsity', 0):.2%} sparsity")
     rows = [{"name": n, **v} for n, v in outcome.layer_sparsity.items() if "left_out" not in v]
     if rows:
         width = max(len(x["name"]) for x in rows)
@@ -130,13 +130,12 @@ def _train(args):
     mask = load_mask(args.mask)
     try:
         outcome = run(config, store=_store(args), data_dir=args.data_dir, device=args.device,
-                      force=args.force, progress=not args.no_progress, mask=mask, wait=args.wait)
+                      force=args.force, progress=not args.no_progress, mask=mask)
     except SparsetrainError as err:
         if "mask does not fit" in str(err) and str(args.mask) not in str(err):
             raise SparsetrainError(f"{args.mask}: {err}") from None
         raise
-    # the mask says how it was found; the config's prune.method (default snip) was not used
-    _print_outcome(outcome, method=mask.metadata.get("method") or f"mask {args.mask}")
+    _print_outcome(outcome)  # run() describes the trained network by the mask's method and sparsity
 
 
 # --- list ----------------------------------------------------------------------------------
