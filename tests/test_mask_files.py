@@ -204,3 +204,26 @@ def test_a_full_disk_keeps_the_previous_mask_file(tmp_path):
         save_mask(path, mask, model=model, method="random")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
+
+
+def test_train_with_a_mask_records_and_prints_the_masks_method_and_sparsity(tmp_path, capsys):
+    """Not the config's default snip at 95%: the mask file's random at its real 98%."""
+    from sparsetrain.cli.main import main
+    from sparsetrain.store import RunStore
+
+    path = tmp_path / "random.safetensors"
+    tiny = ["--dataset", "synthetic", "--model", "mlp-tiny", "--no-progress"]
+    assert main(["prune", *tiny, "--method", "random", "--sparsity", "0.98", "--out", str(path)]) == 0
+    mask = load_mask(path)
+    kept = sum(int(m.sum()) for m in mask.values())
+    total = sum(m.numel() for m in mask.values())
+    assert total == 784 * 32 + 32 * 10 and kept == round(total * 0.02)  # mlp-tiny's weights, by hand
+    capsys.readouterr()
+    store = tmp_path / "store"
+    assert main(["train", *tiny, "--iterations", "5", "--val-every", "5", "--mask", str(path), "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert f"random at {1 - kept / total:.2%} sparsity" in out and "98.00%" in out and "snip" not in out
+    (record,) = RunStore(store).list()
+    assert record.config["prune"]["method"] == "random"
+    assert record.config["prune"]["sparsity"] == pytest.approx(1 - kept / total, abs=1e-12)
+    assert record.results["sparsity"] == pytest.approx(1 - kept / total, abs=1e-12)

@@ -130,7 +130,7 @@ def _train(args):
     mask = load_mask(args.mask)
     try:
         outcome = run(config, store=_store(args), data_dir=args.data_dir, device=args.device,
-                      force=args.force, progress=not args.no_progress, mask=mask)
+                      force=args.force, progress=not args.no_progress, mask=mask, wait=args.wait)
     except SparsetrainError as err:
         if "mask does not fit" in str(err) and str(args.mask) not in str(err):
             raise SparsetrainError(f"{args.mask}: {err}") from None
