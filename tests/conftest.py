@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from sparsetrain import threads as threads_module
 from sparsetrain.data import idx as idx_module
 
 # The shared, read-only copy of the real data sets (MNIST, Fashion-MNIST) on the development
 # machines: <repo>/../shared/datasets.
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+# Where the user points the library at real data, read here at import: the autouse fixture below
+# removes SPARSETRAIN_DATA from each test's environment, so that no other test reads it.
+USER_DATA = os.environ.get(idx_module.DATA_ENV) or None
+
+
+def has_mnist(root: Path) -> bool:
+    """Whether ``root/mnist`` holds the four MNIST files (compressed or not)."""
+    folder = root / "mnist"
+    return all((folder / f"{base}.gz").is_file() or (folder / base).is_file() for base in idx_module.IDX_FILES)
+
+
+def mnist_roots() -> list[Path]:
+    """The data roots to try, in the library's order: ``$SPARSETRAIN_DATA``, then the shared copy."""
+    return ([Path(USER_DATA)] if USER_DATA else []) + [SHARED_DATASETS]
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +41,26 @@ def offline_and_isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("SPARSETRAIN_DATA", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored(monkeypatch):
+    """A test that asks for a thread count (``--threads``) leaves the next test torch's own."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads_module, "_requested", None)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
-def shared_datasets() -> Path:
-    """The data root holding the real MNIST; the test is skipped where it is absent."""
-    folder = SHARED_DATASETS / "mnist"
-    if not all((folder / f"{base}.gz").is_file() or (folder / base).is_file() for base in idx_module.IDX_FILES):
-        pytest.skip(f"no shared MNIST copy in {folder}")
-    return SHARED_DATASETS
+def mnist_root() -> Path:
+    """The data root holding the real MNIST: ``$SPARSETRAIN_DATA`` when it has one, else
+    ``../shared/datasets``; the test is skipped where neither has it."""
+    for root in mnist_roots():
+        if has_mnist(root):
+            return root
+    pytest.skip("no real MNIST in " + " or ".join(str(r / "mnist") for r in mnist_roots()))
+
+
+@pytest.fixture
+def shared_datasets(mnist_root) -> Path:
+    """The same root as :func:`mnist_root` (its former name, still used by test_data_args)."""
+    return mnist_root

@@ -210,11 +210,11 @@ def test_flags_override_the_recipe(capsys):
     assert printed["prune"]["sparsity"] == 0.5 and printed["model"] == "lenet-300-100"
 
 
-def test_reproduce_writes_table_and_json(capsys, tmp_path, shared_datasets):
+def test_reproduce_writes_table_and_json(capsys, tmp_path, mnist_root):
     out_md = tmp_path / "t.md"
     code, out, err = cli(
         capsys, "reproduce", "snip-table1", "--rows", "snip-table1-lenet300-95", "--seeds", "0",
-        "--iterations", "20", "--store", tmp_path / "store", "--out", out_md, "--data-dir", shared_datasets,
+        "--iterations", "20", "--store", tmp_path / "store", "--out", out_md, "--data-dir", mnist_root,
         "--no-progress",
     )
     assert code == 0, err

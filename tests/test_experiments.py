@@ -224,11 +224,11 @@ def test_synthetic_vgg_row_prunes_and_trains(small_synthetic, tmp_path):
     assert layers["2.weight"]["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
-def test_reproduce_command_end_to_end(capsys, tmp_path, shared_datasets, small_synthetic):
+def test_reproduce_command_end_to_end(capsys, tmp_path, mnist_root, small_synthetic):
     out_md = tmp_path / "sc.md"
     argv = ["reproduce", "structured-cost", "--rows", "lenet300-block32x32-layerwise", "vgg-snip90",
             "--seeds", "0", "--iterations", "2", "--store", tmp_path / "store", "--out", out_md,
-            "--data-dir", shared_datasets, "--no-progress"]
+            "--data-dir", mnist_root, "--no-progress"]
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     assert code == 0, err

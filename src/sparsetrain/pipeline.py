@@ -35,6 +35,7 @@ from .pruning import METHODS, method_options, prune_at_init
 from .pruning.rounds import SCHEDULES as ROUND_SCHEDULES
 from .pruning.select import SCOPES, check_sparsity
 from .pruning.structured import parse_structure, structured_sparsity
+from .threads import training_threads
 from .train.loop import DIVERGE_CHOICES, Callback, TrainResult, resolve_device, train
 from .train.optim import OPTIMIZERS, SCHEDULES
 
@@ -201,11 +202,17 @@ def train_stage(config: RunConfig, built: Built, model: nn.Module, hooks: list, 
                 checkpoint_path: str | Path | None = None,
                 on_metrics: Callable[[int, dict[str, float]], None] | None = None,
                 progress: bool = True, callbacks: list[Callback] = ()) -> TrainResult:
-    """Train ``model`` as ``config.train`` says, resumable from ``checkpoint_path``."""
+    """Train ``model`` as ``config.train`` says, resumable from ``checkpoint_path``, on the torch
+    threads :func:`sparsetrain.threads.training_threads` chooses (``--threads``, else 1 for a
+    small step, else the idle cores); the count is shown with the progress and recorded in the
+    result."""
     sparsity = overall(mask)
-    return train(model, built.loaders, config.train, hooks=hooks, seed=config.seed, checkpoint_path=checkpoint_path,
-                 on_metrics=on_metrics, progress=progress, postfix={"sparsity": f"{sparsity:.3f}"},
-                 callbacks=callbacks)
+    with training_threads(model, built.loaders.input_shape, config.train.batch_size, built.device) as threads:
+        result = train(model, built.loaders, config.train, hooks=hooks, seed=config.seed,
+                       checkpoint_path=checkpoint_path, on_metrics=on_metrics, progress=progress,
+                       postfix={"sparsity": f"{sparsity:.3f}", "threads": str(threads)}, callbacks=callbacks)
+    result.threads = threads
+    return result
 
 
 def overall(mask: Mask | None) -> float:

@@ -74,7 +74,12 @@ def add_env_flags(p: argparse.ArgumentParser) -> None:
                                       "else ~/.cache/sparsetrain)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--store", help="run store folder (default $SPARSETRAIN_HOME or ./sparsetrain-runs)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one line per validation check instead")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads (default: 1 for a small training step, e.g. LeNet-300-100 at batch 100, "
+                        "else the cores the load average leaves idle: torch's default on every core runs 2-3x "
+                        "slower when another process holds one; reproduce --workers W: cores / W each)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

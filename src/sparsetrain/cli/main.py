@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import SparsetrainError
+from ..threads import request_threads
 from . import commands
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded beside results
     try:
+        request_threads(getattr(args, "threads", None))  # --threads, where the command has it
         return commands.COMMANDS[args.command][2](args) or 0
     except SparsetrainError as err:
         print(f"sparsetrain {args.command}: error: {err}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """What hardware-friendly mask shapes cost in test error against unstructured SNIP.
 
 ``sparsetrain reproduce structured-cost`` trains, per network, SNIP masks of each shape at a
-matched sparsity, with everything else equal, and writes ``docs/results/structured_cost.md`` and
-``.json``:
+matched sparsity, with everything else equal, and writes its table where ``--out`` says (default
+``<store>/results/structured_cost.md``; the committed one: ``--out docs/results/structured_cost.md``)
+and ``.json``; a shortened reproduction is titled so and never replaces a full table:
 
 - unstructured SNIP at 50% against 2:4 SNIP (N:M, 50% by construction);
 - unstructured SNIP at 90% against block SNIP at 90% (32x32 tiles; 8x8 on LeNet-5-Caffe, whose
@@ -33,7 +34,7 @@ from ..errors import SparsetrainError
 from ..measure import Provenance, write_report
 from ..pruning.structured import NM, Blocks, parse_structure
 from ..recipes import recipe_path
-from .common import EXPERIMENTS, ReproduceOptions, mean_std, run_rows
+from .common import EXPERIMENTS, ReproduceOptions, check_out, mean_std, run_rows, shortened_reasons, titled
 
 GROUP = ("experiment", "structured-cost")
 SYNTHETIC = "synthetic"  # the VGG rows' data: the synthetic data set with CIFAR-shaped examples
@@ -182,11 +183,15 @@ def view_2d(shape: tuple[int, ...]) -> str:
 def reproduce_structured_cost(options: ReproduceOptions) -> None:
     rows = list(options.rows or DEFAULT_ROWS)
     configs = configs_for(rows, list(options.seeds), options.iterations)
+    reasons = shortened_reasons(seeds=options.seeds, rows=rows, default_rows=DEFAULT_ROWS,
+                                iterations=options.iterations,
+                                recipe_iterations=[NETWORKS[ROWS[r].network].iterations for r in rows])
+    check_out(options, reasons)  # before anything trains
     provenance = Provenance.now(options.command)
     started = time.time()
     records, failures = run_rows(configs, options, GROUP)
     outcomes = {k: {"results": r.results, "layers": r.layer_sparsity or {}} for k, r in records.items()}
-    print(write_table(rows, configs, outcomes, options.out, time.time() - started, provenance))
+    print(write_table(rows, configs, outcomes, options.out, time.time() - started, provenance, shortened=reasons))
     if failures:
         raise SparsetrainError(f"{len(failures)} run(s) failed (the others are in the table): " + "; ".join(failures))
 
@@ -308,11 +313,12 @@ def _parameter_order(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in path), {"weight": 0, "bias": 1}.get(leaf, 2), leaf
 
 
-def write_table(rows, configs, outcomes, out, seconds: float, provenance: Provenance | None) -> str:
+def write_table(rows, configs, outcomes, out, seconds: float, provenance: Provenance | None,
+                shortened: list[str] = ()) -> str:
     summary = summarise(rows, configs, outcomes)
     nets = dict.fromkeys(ROWS[r].network for r in rows)
     lines = [
-        "# The error cost of hardware-friendly SNIP masks",
+        "# " + titled("The error cost of hardware-friendly SNIP masks", list(shortened)),
         "",
         "Test error (%) as mean ± std over seeds. *final*: the model at the end of training; *best val*: "
         "the checkpoint with the lowest error on the 10% validation split. *Δ vs unstructured*: this "
@@ -361,5 +367,6 @@ def write_table(rows, configs, outcomes, out, seconds: float, provenance: Proven
         "",
         f"Wall time of this invocation {seconds / 60:.1f} min (runs already in the store are not repeated).",
     ]
-    md, _ = write_report(out, "\n".join(lines), {"meta": {"seconds": seconds}, "rows": summary}, provenance=provenance)
+    meta = {"seconds": seconds} | ({"shortened": list(shortened)} if shortened else {})
+    md, _ = write_report(out, "\n".join(lines), {"meta": meta, "rows": summary}, provenance=provenance)
     return md.read_text()

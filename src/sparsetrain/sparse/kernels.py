@@ -12,7 +12,9 @@ Two implementations, same results (up to float summation order):
   plain C++ without torch headers, compiled on first use with ``g++ -O3 -march=native -fopenmp``
   in about a second into ``$SPARSETRAIN_KERNEL_CACHE`` or
   ``~/.cache/sparsetrain/kernels/<key of the CPU flags, compiler flags and source>``, called
-  through ctypes). Rows are split into chunks of equal nonzero count, run on
+  through ctypes; the library's SHA-256 is kept beside it and checked before every load, so a
+  truncated or damaged file (a full disk, a killed copy) is rebuilt instead of crashing the
+  process with a bus error). Rows are split into chunks of equal nonzero count, run on
   ``torch.get_num_threads()`` threads (one thread below :data:`MIN_PARALLEL_WORK`). For N = 1
   each row is one SIMD gather-reduction (SpMV); for N > 1 the columns of ``X`` are processed in
   blocks of 64 (float32 with AVX-512: four 16-lane registers), then 16/4 held in registers, so
@@ -47,6 +49,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import threading
 import uuid
 import warnings
@@ -56,6 +59,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SparsetrainError
+from ..fsio import atomic_write
 
 __all__ = ["CSRMatrix", "csr_linear", "csr_matmul", "extension_available", "load_extension"]
 
@@ -96,26 +100,63 @@ def _cache_dir() -> Path:
     return Path(root) / key
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checksum_file(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _damage(lib: Path) -> str | None:
+    """Why the cached library cannot be trusted (no checksum, a checksum that differs: a truncated
+    or damaged file), or ``None`` when its SHA-256 is the one recorded when it was built."""
+    try:
+        recorded = _checksum_file(lib).read_text().split()[0] if _checksum_file(lib).is_file() else None
+    except (OSError, IndexError):
+        recorded = None
+    if recorded is None:
+        return "it has no recorded checksum"
+    try:
+        actual = _sha256(lib)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if actual != recorded:
+        return f"its SHA-256 differs from the one recorded when it was built ({lib.stat().st_size:,} bytes now)"
+    return None
+
+
 def _build(folder: Path) -> Path:
-    """Compile the kernel into ``folder/csr_kernel.so`` (atomically; reused when present)."""
+    """``folder/csr_kernel.so``: reused when its SHA-256 is the one recorded beside it
+    (``csr_kernel.so.sha256``), else compiled anew (said once on stderr when a damaged file is
+    replaced). The library is compiled to a temporary name and renamed (``fsio.atomic_write``,
+    site ``"kernel"``), then its checksum written the same way: two processes building at once
+    both end with a complete, verified file, and a build cut short leaves no file that verifies."""
     lib = folder / "csr_kernel.so"
     if lib.is_file():
-        return lib
+        why = _damage(lib)
+        if why is None:
+            return lib
+        print(f"sparsetrain: the compiled sparse kernel {lib} cannot be trusted ({why}); rebuilding it",
+              file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     src = folder / "csr_kernel.cpp"
-    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    tmp_src, tmp_lib = folder / f".src.{tag}.cpp", folder / f".lib.{tag}.so"
-    try:
-        tmp_src.write_text(_cpp_source())
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
-        proc = subprocess.run([cxx, *_CXX_FLAGS, str(tmp_src), "-o", str(tmp_lib)], capture_output=True, text=True)
+    tmp_src = folder / f".src.{os.getpid()}.{uuid.uuid4().hex[:8]}.cpp"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+
+    def compile_to(tmp: Path) -> None:
+        proc = subprocess.run([cxx, *_CXX_FLAGS, str(tmp_src), "-o", str(tmp)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp_src, src)
-        os.replace(tmp_lib, lib)  # two processes building at once both end with a complete file
+
+    try:
+        tmp_src.write_text(_cpp_source())
+        atomic_write(lib, compile_to, what="kernel")
+        digest = _sha256(lib)
+        atomic_write(_checksum_file(lib), lambda tmp: tmp.write_text(f"{digest}  {lib.name}\n"), what="kernel")
+        os.replace(tmp_src, src)  # the source it was built from, for reference
     finally:
         tmp_src.unlink(missing_ok=True)
-        tmp_lib.unlink(missing_ok=True)
     return lib
 
 
@@ -134,7 +175,10 @@ def load_extension():
             _EXTENSION_ERROR = "disabled by SPARSETRAIN_NO_KERNEL"
             return None
         try:
-            lib = ctypes.CDLL(str(_build(_cache_dir())))
+            path = _build(_cache_dir())
+            if _damage(path) is not None:  # (replaced between the build and now by a damaged copy)
+                raise RuntimeError(f"{path} changed after it was built and verified; not loaded")
+            lib = ctypes.CDLL(str(path))
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             for fn in (lib.csr_matmul_f32, lib.csr_matmul_f64):
                 fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, p, i64, i64, i64, i64, i64]
@@ -146,9 +190,12 @@ def load_extension():
                 fn.argtypes = [p, i64, i64, p, i64]
                 fn.restype = None
             _EXTENSION = lib
-        except Exception as exc:  # fall back to torch, and say why
+        except Exception as exc:  # fall back to torch, and say why (once)
             _EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
             _EXTENSION = None
+            print(f"sparsetrain: the C++ sparse kernel is unavailable ({_EXTENSION_ERROR}); sparse layers use "
+                  "torch's CSR path instead (correct, often slower). SPARSETRAIN_NO_KERNEL=1 skips the build",
+                  file=sys.stderr, flush=True)
         return _EXTENSION
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ class TrainResult:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     status: str = FINISHED  # FINISHED, STOPPED (a callback's reason) or INFEASIBLE (diverged)
     stop_reason: str | None = None
+    threads: int | None = None  # torch threads the run trained on (set by the caller that chose them)
 
     def as_results(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("curves", "status", "stop_reason")}
@@ -180,6 +182,11 @@ def train(
     """Train ``model`` on ``loaders.train`` for ``cfg``'s length; evaluate on ``loaders.val``
     every ``cfg.val_every`` iterations and on ``loaders.test`` at the end (final model and best
     validation checkpoint). ``on_metrics(step, {...})`` receives every measured value.
+    ``progress``: ``True`` shows a bar (training loss and the last validation error beside it);
+    ``False`` prints one line per validation check to stderr instead (``step 1000/30000  loss 0.123
+    val error 2.31%  (12.3 s)``: a log file or a captured run still shows where it is); ``None``
+    prints nothing (runs in worker processes, whose progress their parent reports).
+    ``postfix``: more ``name: value`` pairs shown with the progress.
     ``loss_fn(logits, targets)``: default cross-entropy (dict batches: the model's own loss).
     ``cfg.goal_error`` > 0 adds :class:`StopAtGoal`; ``cfg.on_diverge`` says what a NaN loss does."""
     from ..state_io import load_state, save_state
@@ -208,6 +215,7 @@ def train(
 
     started = time.perf_counter() - state.seconds
     bar = tqdm(total=total, initial=state.step, disable=not progress, dynamic_ncols=True, leave=False)
+    shown: dict[str, str] = {}  # what the bar's postfix and the evaluation lines show
     running = _Running()
     model.train()
     stream = loaders.train.iter_from(state.step)
@@ -242,7 +250,9 @@ def train(
             if train_error is not None:
                 values["train_error"] = train_error
             record(step, values)
-            shown = {"loss": f"{train_loss:.3f}"} | ({"acc": f"{1 - train_error:.3f}"} if train_error is not None else {})
+            shown["loss"] = f"{train_loss:.3f}"
+            if train_error is not None:
+                shown["acc"] = f"{1 - train_error:.3f}"
             bar.set_postfix(**shown, **(postfix or {}))
             bar.update(step - bar.n)
         if loaders.val is not None and (last or (cfg.val_every and step % cfg.val_every == 0)):
@@ -251,6 +261,8 @@ def train(
             record(step, {k: v for k, v in metrics.items() if v is not None})
             state.consider_best(step, val_loss if val_error is None else val_error, model)
             stops += [c.on_eval(step, metrics) for c in callbacks]
+            _show_eval(bar, progress, shown, postfix, step, total, val_error, val_loss,
+                       time.perf_counter() - started)
         if cfg.test_every and step % cfg.test_every == 0 and not last:
             test_error, test_loss = evaluate(model, loaders.test, loss_fn)
             record(step, {"test_error": test_error} if test_error is not None else {"test_loss": test_loss})
@@ -294,6 +306,22 @@ def train(
         status=status,
         stop_reason=reason,
     )
+
+
+def _show_eval(bar, progress, shown: dict[str, str], postfix, step: int, total: int, val_error, val_loss,
+               seconds: float) -> None:
+    """A validation check: into the bar's postfix (``progress=True``), or one line on stderr
+    (``progress=False``)."""
+    shown.pop("val error", None), shown.pop("val loss", None)
+    if val_error is not None:
+        shown["val error"] = f"{100 * val_error:.2f}%"
+    else:
+        shown["val loss"] = f"{val_loss:.4f}"
+    if progress:
+        bar.set_postfix(**shown, **(postfix or {}))
+    elif progress is not None:
+        items = [f"{k} {v}" for k, v in shown.items() if k != "acc"] + [f"{k} {v}" for k, v in (postfix or {}).items()]
+        print(f"step {step}/{total}  " + "  ".join(items) + f"  ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
 
 class _Running:
