@@ -517,6 +517,8 @@ class RunStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise self._not_writable(f"cannot create the folder ({exc.strerror})") from exc
             raise SparsetrainError(f"cannot create run store folder {self.root}: {exc}") from exc
         self._init_schema()
 
@@ -576,8 +578,14 @@ class RunStore:
             # checkpoints it into the main file) the main file is the whole database, and
             # immutable=1 reads it without the index. With a -wal file that cannot be indexed
             # there is no correct read: the error stands.
-            if os.access(self.root, os.W_OK) or _nonempty(self.db_path.with_name(DB_NAME + "-wal")):
+            if os.access(self.root, os.W_OK):
                 raise
+            if _nonempty(self.db_path.with_name(DB_NAME + "-wal")):
+                raise SparsetrainError(
+                    f"cannot read the run store {self.root}: a process is writing it (or one that was "
+                    f"writing it died), and reading it then needs write access to the folder, which you "
+                    f"(user {_user()}) do not have; wait until that run ends, or ask the owner for access"
+                ) from None
             return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
 
     @staticmethod
@@ -610,10 +618,11 @@ class RunStore:
         )
 
     def _not_writable(self, cause: Any) -> SparsetrainError:
+        readable = self.db_path.exists() and os.access(self.db_path, os.R_OK)
         return SparsetrainError(
-            f"the run store {self.root} is not writable by you (user {_user()}): {cause}; reading it "
-            f"(sparsetrain runs) works, but training records into it: ask its owner for write access, or "
-            f"pass --store (or set SPARSETRAIN_HOME) to a folder of your own"
+            f"the run store {self.root} is not writable by you (user {_user()}): {cause}; "
+            + ("reading it (sparsetrain runs) works, but training records into it: " if readable else "")
+            + "ask its owner for write access, or pass --store (or set SPARSETRAIN_HOME) to a folder of your own"
         )
 
     def _init_schema(self) -> None:
@@ -627,7 +636,9 @@ class RunStore:
                 version, journal = None, None  # let the write path below word the error
             if version is not None and version > SCHEMA_VERSION:
                 raise self._newer(version)
-            if version == SCHEMA_VERSION and journal == "wal":
+            # (Read through immutable=1, see _open, the journal mode reads 'delete': WAL is
+            # only set by a writer, and a user who may not write needs nothing more to read.)
+            if version == SCHEMA_VERSION and (journal == "wal" or not self._writable()):
                 return
         elif not os.access(self.root, os.W_OK | os.X_OK):
             raise self._not_writable(f"cannot create {DB_NAME} there")
