@@ -195,10 +195,12 @@ def test_a_cuda_index_past_the_last_is_refused():
 def test_the_cli_refuses_an_unknown_device(capsys, tmp_path):
     code, out, err = cli(capsys, "prune", *TINY, "--device", "gpu", "--out", tmp_path / "m.safetensors")
     assert code == 2 and "unknown device 'gpu'" in err and "Traceback" not in err
+    assert cli(capsys, "prune", *TINY, "--out", tmp_path / "m.safetensors")[0] == 0
     store = tmp_path / "store"
     code, out, err = cli(capsys, "train", *TINY, "--iterations", "5", "--device", "gpu", "--mask",
                          tmp_path / "m.safetensors", "--store", store)
-    assert code == 2 and "Traceback" not in err
+    assert code == 2 and "unknown device 'gpu'" in err and "Traceback" not in err
+    assert not store.exists()  # refused before a run was recorded
 
 
 # --- prune --out -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import sys
 from pathlib import Path
 
 from .. import experiments
@@ -17,6 +18,7 @@ from ..pipeline import DENSE, build, find_mask, validate
 from ..pruning import list_methods, method_spec
 from ..recipes import list_recipes
 from ..run import default_store_root, run
+from ..train.loop import resolve_device
 from ..train.optim import OPTIMIZERS, SCHEDULES
 from .common import add_config_flags, add_env_flags, config_from_args
 from .runs import runs, runs_flags
@@ -126,6 +128,7 @@ def _train_flags(p):
 
 def _train(args):
     config = config_from_args(args)
+    resolve_device(args.device)  # a bad --device is refused before a run is recorded
     # checked here (values, checksum) and against the model (built for the data set) by run()
     mask = load_mask(args.mask)
     try:
@@ -197,9 +200,11 @@ def _reproduce_flags(p):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per row (default 0 1 2)")
     p.add_argument("--rows", nargs="+", help="only these rows (recipe names)")
     p.add_argument("--workers", type=int, default=1, help="runs trained side by side (processes)")
-    p.add_argument("--out", help="Markdown file for the table, JSON beside it (default docs/results/<experiment>.md)")
+    p.add_argument("--out", help="Markdown file for the table, JSON beside it (default <store>/results/<experiment>.md; "
+                   "the committed tables: --out docs/results/<experiment>.md)")
     p.add_argument("--iterations", type=int, help="override the recipes' length (for a quick look)")
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--force", action="store_true",
+                   help="write a shortened table (fewer iterations, seeds or rows) even over a full one")
     p.add_argument("--report-only", action="store_true",
                    help="write the table from the runs already recorded; train nothing")
     add_env_flags(p)
@@ -207,14 +212,21 @@ def _reproduce_flags(p):
 
 def _reproduce(args):
     experiment = experiments.EXPERIMENTS.get(args.experiment)
+    if args.workers < 1:
+        raise SparsetrainError(f"--workers must be at least 1, got {args.workers}")
+    store = Path(args.store or default_store_root())
+    out = Path(args.out) if args.out else store / "results" / f"{args.experiment.replace('-', '_')}.md"
+    if out.suffix != ".md" or out.is_dir():
+        raise SparsetrainError(f"--out {out}: name the Markdown file to write, e.g. {out.with_suffix('.md').name} "
+                               "(the JSON is written beside it)")
     options = experiments.ReproduceOptions(
         seeds=tuple(args.seeds), rows=tuple(args.rows) if args.rows else None, workers=args.workers,
-        out=Path(args.out or f"docs/results/{args.experiment.replace('-', '_')}.md"),
-        iterations=args.iterations, threads=args.threads, report_only=args.report_only,
-        store=Path(args.store or default_store_root()), data_dir=args.data_dir, device=args.device,
-        command=("sparsetrain", *args.argv),
+        out=out, iterations=args.iterations, threads=args.threads, report_only=args.report_only,
+        store=store, data_dir=args.data_dir, device=args.device, command=("sparsetrain", *args.argv),
+        progress=not args.no_progress, force=args.force,
     )
     experiment(options)
+    print(f"table written to {out} and {out.with_suffix('.json')}", file=sys.stderr)
 
 
 # --- bench -------------------------------------------------------------------------------------
