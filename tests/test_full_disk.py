@@ -130,3 +130,25 @@ def test_the_command_line_prints_the_message_not_a_traceback(tmp_path, capsys):
         assert main(argv[:-3] + ["--store", str(tmp_path / "other"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "cannot write the run store" in err and "no space left on device" in err and "Traceback" not in err
+
+
+def test_sqlites_own_disk_full_error_is_worded_and_rolled_back(tmp_path, monkeypatch):
+    """A real SQLITE_FULL ("database or disk is full"), made by capping the file's page count."""
+    store = RunStore(tmp_path / "store")
+    store.begin("k", {}, seed=0, versions={})
+    store.log_metrics("k", 0, {"loss": 1.0})
+    real_open = RunStore._open
+
+    def capped(self, write):
+        conn = real_open(self, write)
+        if write:
+            conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+        return conn
+
+    monkeypatch.setattr(RunStore, "_open", capped)
+    with pytest.raises(SparsetrainError, match=r"cannot write the run store .*runs\.sqlite: no space left on device; "
+                                               r"the previous run store, if any, is intact"):
+        store.log_metrics("k", 1, {f"metric{i}": float(i) for i in range(3000)})
+    monkeypatch.undo()
+    assert store.metrics("k") == {"loss": [(0, 1.0)]}, "the failed transaction left nothing of itself"
+    assert store.check().ok

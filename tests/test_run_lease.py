@@ -1,4 +1,5 @@
-"""One run trains once: the lease a training run holds in the store (in-process tests).
+"""One run trains once: the lease a training run holds in the store (in-process tests); and a run
+trained with a given mask records that mask's method and real sparsity.
 
 Each test trains mlp-tiny on the synthetic data for a few dozen iterations, or only takes leases.
 The real two-process and kill tests are in test_run_processes.py.
@@ -13,14 +14,20 @@ import sys
 import threading
 import time
 
+import importlib
+
 import pytest
+import torch
 
 import sparsetrain.store as store_module
 from sparsetrain.config import RunConfig
 from sparsetrain.errors import SparsetrainError
+from sparsetrain.masks import load_mask, save_mask
 from sparsetrain.run import run
 from sparsetrain.store import RunStore
 from sparsetrain.train.loop import Callback
+
+_combined_key = importlib.import_module("sparsetrain.run")._combined_key
 
 
 def tiny(iterations: int = 40) -> RunConfig:
@@ -199,3 +206,42 @@ def test_a_killed_runs_stale_lease_lists_as_interrupted(tmp_path):
     conn = sqlite3.connect(store.db_path)
     assert conn.execute("SELECT status FROM runs").fetchone()[0] == "running", "stored as is; shown as it is"
     conn.close()
+
+
+# --- records say what was trained ---------------------------------------------------------------
+
+def _hand_mask(seed: int = 0):
+    """A random mask for mlp-tiny's two weights keeping ~30% (counted by hand below)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"1.weight": torch.rand(32, 784, generator=g) < 0.3, "3.weight": torch.rand(10, 32, generator=g) < 0.3}
+
+
+def test_a_run_with_a_mask_file_records_the_masks_method_and_real_sparsity(tmp_path):
+    tensors = _hand_mask()
+    kept = sum(int(t.sum()) for t in tensors.values())
+    real_sparsity = 1 - kept / (32 * 784 + 10 * 32)
+    path = tmp_path / "mask.safetensors"
+    save_mask(path, tensors, {"model": "mlp-tiny"}, method="random")
+    mask = load_mask(path)
+    config = tiny()  # says snip at 90%: not what is trained
+    store = RunStore(tmp_path / "store")
+    outcome = run(config, store=store, progress=False, mask=mask)
+
+    assert outcome.key == _combined_key(config, mask), "the key is unchanged"
+    recorded = store.get(outcome.key).config
+    assert recorded["prune"]["method"] == "random" and recorded["prune"]["sparsity"] == pytest.approx(real_sparsity)
+    assert recorded["mask"]["source"] == mask.metadata["source"] and str(path) in recorded["mask"]["source"]
+    assert recorded["mask"]["sha256"] == mask.metadata["sha256"] and recorded["mask"]["model"] == "mlp-tiny"
+    assert outcome.config.prune.method == "random" and outcome.config.prune.sparsity == pytest.approx(real_sparsity)
+    assert outcome.results["sparsity"] == pytest.approx(real_sparsity)
+    assert {k: v for k, v in recorded.items() if k not in ("prune", "mask")} == \
+        {k: v for k, v in config.to_dict().items() if k != "prune"}
+    again = run(config, store=store, progress=False, mask=load_mask(path))
+    assert again.reused and again.config.prune.method == "random"
+
+
+def test_a_mask_made_in_memory_is_recorded_as_external(tmp_path):
+    store = RunStore(tmp_path / "store")
+    outcome = run(tiny(), store=store, progress=False, mask=_hand_mask(1))
+    recorded = store.get(outcome.key).config
+    assert recorded["prune"]["method"] == "external" and recorded["mask"] == {}
