@@ -264,6 +264,28 @@ def test_export_tensorboard_puts_every_point_in_each_runs_folder(capsys, trained
     assert [p.name for p in (tmp_path / "tb").iterdir()] == [key]  # no temporary files left
 
 
+def test_export_tensorboard_on_a_full_disk_writes_nothing(capsys, trained, tmp_path, monkeypatch):
+    import errno
+    import types
+
+    class Writer:
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    store, _, _ = trained
+    code, _, err = cli(capsys, "runs", "export", "--format", "tensorboard", "--out", tmp_path / "tb",
+                       "--store", store.root)
+    assert code == 2 and "cannot write the export" in err and "no space left on device" in err
+    assert not (tmp_path / "tb").exists()
+
+
 def test_export_tensorboard_writes_event_files(capsys, trained, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from .config import RunConfig
 from .errors import SparsetrainError
-from .fsio import atomic_write
+from .fsio import atomic_write, write_error
 from .masks import Mask, apply_mask_, load_mask
 from .pipeline import DENSE, build, init_under_mask
 from .run import default_store_root
@@ -354,20 +354,27 @@ def export_tensorboard(store: RunStore, records: Sequence[RunRecord], out: str |
     with tempfile.TemporaryDirectory(prefix="sparsetrain-tb-") as scratch:
         for record in records:
             folder = Path(scratch) / record.key
-            writer = SummaryWriter(log_dir=str(folder))
             try:
-                for name, points in store.metrics(record.key).items():
-                    for step, value in points:
-                        writer.add_scalar(name, value, step)
-                writer.add_text("config", "```\n" + json.dumps(record.config, indent=1) + "\n```")
-                writer.add_text("results", "```\n" + json.dumps(record.results, indent=1) + "\n```")
-            finally:
-                writer.close()
+                _write_events(SummaryWriter, folder, store.metrics(record.key), record)
+            except OSError as exc:  # the scratch folder's disk: nothing reached ``out`` yet
+                raise write_error(exc, folder, "export") from exc
             for file in sorted(folder.iterdir()):
                 target = out / record.key / file.name
                 atomic_write(target, lambda tmp, src=file: shutil.copyfile(src, tmp), what="export")
                 written.append(target)
     return written
+
+
+def _write_events(writer_class, folder: Path, metrics: dict[str, list[tuple[int, float]]], record: RunRecord) -> None:
+    writer = writer_class(log_dir=str(folder))
+    try:
+        for name, points in metrics.items():
+            for step, value in points:
+                writer.add_scalar(name, value, step)
+        writer.add_text("config", "```\n" + json.dumps(record.config, indent=1) + "\n```")
+        writer.add_text("results", "```\n" + json.dumps(record.results, indent=1) + "\n```")
+    finally:
+        writer.close()
 
 
 # ----------------------------------------------------------------------------- delete
