@@ -28,6 +28,14 @@ The FLOP-count limit of a layer is 1 / (1 - s) with s the fraction of its weight
 zero (``inf`` for an all-zero weight); end to end, s is the mask's overall sparsity (pruned /
 masked entries). It counts multiply-adds of the weights only: biases, activations, im2col and
 the layers the mask does not cover are why a whole model stays further from it than a layer.
+
+Every figure carries the spread of its timings (:meth:`Timings.spread`: interquartile range over
+the median) for the dense and the sparse side. A figure whose spread exceeds :data:`NOISY_SPREAD`
+is marked *noisy*, with a note advising a quiet machine or ``--threads`` (a busy core makes a
+ratio of 290x or 0.75x out of nothing). A speed-up above the FLOP limit is explained where it is
+real: when the sparse weights fit in a CPU cache (:func:`cache_sizes`) that the dense ones do
+not, the dense layer waits on memory and the sparse one does not; otherwise the note says the
+figure is more than skipping multiply-adds can give, so measure again.
 """
 
 from __future__ import annotations
@@ -58,11 +66,13 @@ __all__ = [
     "DEFAULT_BATCH_SIZES",
     "DEFAULT_SWEEP",
     "END_TO_END",
+    "NOISY_SPREAD",
     "SweepPoint",
     "SweepResult",
     "bench",
     "bench_training_step",
     "build_mlp",
+    "cache_sizes",
     "environment",
     "flop_limit",
     "format_environment",
@@ -77,8 +87,14 @@ DEFAULT_SWEEP = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 END_TO_END = "end to end"
 MIN_ROUNDS = 5
 SCORE_BATCH = 100  # examples in the random batch SNIP scores (the paper's MNIST mini-batch)
+#: Timings whose interquartile range exceeds this fraction of their median are marked noisy.
+NOISY_SPREAD = 0.2
+NOISY_ADVICE = ("measure again on a quiet machine (nothing else running), or give --threads the number of idle "
+                "cores: a busy core makes the threads wait and the ratios swing both ways")
 
 Progress = Callable[[str], None] | None
+# The timer (default time_interleaved): timer(fns, rounds=, budget_s=, min_rounds=) -> Timings.
+Timer = Callable[..., object]
 
 
 # ----------------------------------------------------------------------------- results
@@ -111,11 +127,18 @@ class BenchRow:
     flop_limit: float
     candidates: dict[str, float] = field(default_factory=dict)
     decided_by: str = ""
+    dense_spread: float = math.nan  # interquartile range / median of the dense timings
+    sparse_spread: float = math.nan
 
     @property
     def of_limit(self) -> float:
         """The measured speed-up as a fraction of the FLOP-count limit."""
         return 0.0 if math.isinf(self.flop_limit) else self.speedup / self.flop_limit
+
+    @property
+    def noisy(self) -> bool:
+        """Whether either side's timings spread more than :data:`NOISY_SPREAD`."""
+        return _noisy(self.dense_spread, self.sparse_spread)
 
 
 @dataclass
@@ -133,6 +156,7 @@ class BenchResult:
     kernel: str
     rows: list[BenchRow]
     max_abs_diff: dict[int, float]
+    caches: dict[str, int] = field(default_factory=dict)
 
     def end_to_end(self, batch_size: int) -> BenchRow:
         return next(r for r in self.rows if r.batch_size == batch_size and r.layer == END_TO_END)
@@ -144,7 +168,22 @@ class BenchResult:
         d = asdict(self)
         d["rows"] = [_row_dict(r) for r in self.rows]
         d["max_abs_diff"] = {str(k): v for k, v in self.max_abs_diff.items()}
+        d["notes"] = self.notes()
         return d
+
+    def notes(self) -> list[str]:
+        """What a reader must know about the figures: rows above the FLOP limit (cache or noise),
+        and the noisy ones with the advice."""
+        out = []
+        for r in self.rows:
+            why = above_limit_note(r, self.caches)
+            if why:
+                out.append(f"batch {r.batch_size}, {r.layer or 'model'}: {why}")
+        noisy = [r for r in self.rows if r.noisy]
+        if noisy:
+            out.append(f"{len(noisy)} of {len(self.rows)} figures are marked noisy (timings spread more than "
+                       f"{NOISY_SPREAD:.0%} around their median): {NOISY_ADVICE}")
+        return out
 
     def to_markdown(self) -> str:
         structure = f", structure {self.structure}" if self.structure else ""
@@ -157,11 +196,13 @@ class BenchResult:
             "on the input shape and layout it receives) and end to end: same-process interleaved rounds, medians, "
             "speed-up = median of per-round ratios dense/sparse. "
             "Bytes: Linear/Conv2d weights and biases as stored (`sparse_report`). "
-            "FLOP limit = 1/(1 - sparsity); \"of limit\" = speed-up / FLOP limit.",
+            "FLOP limit = 1/(1 - sparsity); \"of limit\" = speed-up / FLOP limit. "
+            "Spread: interquartile range / median of the dense and the sparse timings; *noisy* above "
+            f"{NOISY_SPREAD:.0%}.",
             "",
             "| batch | layer | kind | shape | layout | nnz | sparsity | dense bytes | stored bytes | stored "
-            "| dense ms | sparse ms | speed-up | FLOP limit | of limit |",
-            "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| dense ms | sparse ms | speed-up | spread dense / sparse | FLOP limit | of limit |",
+            "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in self.rows:
             name = f"**{r.layer}**" if r.layer == END_TO_END else f"`{r.layer}`"
@@ -171,10 +212,14 @@ class BenchResult:
             lines.append(
                 f"| {r.batch_size} | {name} | {r.kind} | {shape} | {r.layout} | {r.nnz:,} | {r.sparsity:.2%} "
                 f"| {r.dense_bytes:,} | {r.stored_bytes:,} | {frac} | {_ms(r.dense_time)} | {_ms(r.sparse_time)} "
-                f"| {speed} | {_limit(r.flop_limit)} | {r.of_limit:.0%} |"
+                f"| {speed}{' noisy' if r.noisy else ''} | {_spreads(r.dense_spread, r.sparse_spread)} "
+                f"| {_limit(r.flop_limit)} | {r.of_limit:.0%} |"
             )
         diffs = ", ".join(f"batch {b}: {d:.1e}" for b, d in self.max_abs_diff.items())
         lines += ["", f"Converted vs dense masked outputs, max |difference|: {diffs}."]
+        notes = self.notes()
+        if notes:
+            lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
         return "\n".join(lines) + "\n"
 
 
@@ -190,6 +235,12 @@ class SweepPoint:
     speedup: float
     flop_limit: float
     layout: str
+    dense_spread: float = math.nan
+    sparse_spread: float = math.nan
+
+    @property
+    def noisy(self) -> bool:
+        return _noisy(self.dense_spread, self.sparse_spread)
 
 
 @dataclass
@@ -224,7 +275,8 @@ class SweepResult:
             f"{self.threads} thread{'s' if self.threads != 1 else ''})",
             "",
             "Speed-up = dense masked model time / `to_sparse` model time (median of same-process "
-            f"per-round ratios; below 1 is slower); in brackets the layers converted. CSR kernels: {self.kernel}.",
+            f"per-round ratios; below 1 is slower); in brackets the layers converted; *noisy*: the timings spread "
+            f"more than {NOISY_SPREAD:.0%} around their median. CSR kernels: {self.kernel}.",
             "",
             "| sparsity | FLOP limit | " + " | ".join(f"batch {b}" for b in self.batch_sizes) + " |",
             "|---:|---:|" + "---:|" * len(self.batch_sizes),
@@ -233,8 +285,11 @@ class SweepResult:
             cells = []
             for b in self.batch_sizes:
                 p = self.point(s, b)
-                cells.append(f"{p.speedup:.2f}x ({p.layout})")
+                cells.append(f"{p.speedup:.2f}x ({p.layout}){' noisy' if p.noisy else ''}")
             lines.append(f"| {s:.2%} | {_limit(flop_limit(s))} | " + " | ".join(cells) + " |")
+        noisy = [p for p in self.points if p.noisy]
+        if noisy:
+            lines += ["", f"Note: {len(noisy)} of {len(self.points)} figures are noisy: {NOISY_ADVICE}."]
         return "\n".join(lines) + "\n"
 
 
@@ -247,6 +302,55 @@ def _row_dict(r: BenchRow) -> dict:
 
 def _finite(x: float) -> float | None:
     return None if math.isinf(x) else x
+
+
+def _noisy(*spreads: float) -> bool:
+    return any(s > NOISY_SPREAD for s in spreads if not math.isnan(s))
+
+
+def _spreads(a: float, b: float) -> str:
+    return " / ".join("-" if math.isnan(x) else f"{x:.2f}" for x in (a, b))
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def cache_sizes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
+    """The data caches of the first CPU in bytes, ``{"L1": ..., "L2": ..., "L3": ...}``, read from
+    Linux's ``index*/{level,type,size}`` files (empty where they are absent)."""
+    sizes: dict[str, int] = {}
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes[f"L{level}"] = int(text.rstrip("KMG")) * scale
+        except ValueError:
+            continue
+    return sizes
+
+
+def above_limit_note(row: "BenchRow", caches: dict[str, int]) -> str | None:
+    """Why ``row``'s speed-up exceeds its FLOP limit, or ``None`` when it does not: the smallest
+    cache that holds the sparse weights but not the dense ones (a real effect: the dense layer
+    streams its weights from a slower level), else a warning that the figure is likely noise."""
+    if math.isinf(row.flop_limit) or not row.speedup > row.flop_limit * 1.05:
+        return None
+    for level, size in sorted(caches.items(), key=lambda kv: kv[1]):
+        if row.stored_bytes <= size < row.dense_bytes:
+            return (f"{row.speedup:.1f}x is above the FLOP limit {row.flop_limit:.1f}x, and real: the sparse weights "
+                    f"({_bytes(row.stored_bytes)}) fit in the {level} cache ({_bytes(size)}), the dense ones "
+                    f"({_bytes(row.dense_bytes)}) do not, so the dense layer waits on memory")
+    return (f"{row.speedup:.1f}x is above the FLOP limit {row.flop_limit:.1f}x with no cache to explain it "
+            "(dense and sparse weights fit in the same cache level): probably noise; "
+            + NOISY_ADVICE)
 
 
 def _ms(t: float) -> str:
@@ -341,22 +445,24 @@ def _layouts(report) -> str:
     return f"{sum(r.layout != 'dense' for r in report)}/{len(report)} {'+'.join(kinds)}"
 
 
-def _end_to_end(dense: nn.Module, fast: nn.Module, x: torch.Tensor, repeats: int, budget_s: float):
-    """(dense median, sparse median, speed-up = ratio("dense", "sparse")) of the two models on ``x``."""
+def _end_to_end(dense: nn.Module, fast: nn.Module, x: torch.Tensor, repeats: int, budget_s: float,
+                timer: Timer = time_interleaved):
+    """(dense median, sparse median, speed-up = ratio("dense", "sparse"), dense spread, sparse
+    spread) of the two models on ``x``."""
     with torch.no_grad():
-        t = time_interleaved({"dense": lambda: dense(x), "sparse": lambda: fast(x)}, rounds=repeats,
-                             budget_s=budget_s, min_rounds=MIN_ROUNDS)
-    return t.median("dense"), t.median("sparse"), t.ratio("dense", "sparse")
+        t = timer({"dense": lambda: dense(x), "sparse": lambda: fast(x)}, rounds=repeats,
+                  budget_s=budget_s, min_rounds=MIN_ROUNDS)
+    return t.median("dense"), t.median("sparse"), t.ratio("dense", "sparse"), t.spread("dense"), t.spread("sparse")
 
 
 def _layer_times(dense_layer: nn.Module, layer: nn.Module, choice: dict | None, repeats: int,
-                 budget_s: float) -> tuple[float, float, float]:
+                 budget_s: float, timer: Timer = time_interleaved) -> tuple[float, float, float, float, float]:
     """(dense, sparse) median seconds of one layer on a random input of its recorded shape and
-    layout, and ``ratio("dense", "sparse")`` (``nan`` where to_sparse recorded no input shape);
-    a layer that stayed dense has its dense time on both sides."""
+    layout, ``ratio("dense", "sparse")`` (``nan`` where to_sparse recorded no input shape), and
+    the two spreads; a layer that stayed dense has its dense time on both sides."""
     shape = (choice or {}).get("input_shape")
     if not shape:
-        return math.nan, math.nan, math.nan
+        return math.nan, math.nan, math.nan, math.nan, math.nan
     w = dense_layer.weight
     if choice.get("input_transposed"):
         x = torch.randn(tuple(reversed(shape)), dtype=w.dtype, device=w.device).t()
@@ -366,10 +472,10 @@ def _layer_times(dense_layer: nn.Module, layer: nn.Module, choice: dict | None, 
     if layer is not dense_layer and not isinstance(layer, (nn.Linear, nn.Conv2d)):
         fns["sparse"] = lambda: layer(x)
     with torch.no_grad():
-        t = time_interleaved(fns, rounds=repeats, budget_s=budget_s, min_rounds=MIN_ROUNDS)
+        t = timer(fns, rounds=repeats, budget_s=budget_s, min_rounds=MIN_ROUNDS)
     if "sparse" not in fns:
-        return t.median("dense"), t.median("dense"), 1.0
-    return t.median("dense"), t.median("sparse"), t.ratio("dense", "sparse")
+        return t.median("dense"), t.median("dense"), 1.0, t.spread("dense"), t.spread("dense")
+    return t.median("dense"), t.median("sparse"), t.ratio("dense", "sparse"), t.spread("dense"), t.spread("sparse")
 
 
 # ----------------------------------------------------------------------------- bench
@@ -390,6 +496,7 @@ def bench(
     threads: int | None = None,
     seed: int = 0,
     progress: Progress = None,
+    timer: Timer | None = None,
 ) -> BenchResult:
     """Dense masked ``model`` against ``to_sparse(model, mask, batch_size=B)`` for each batch size:
     per-layer and end-to-end latency, layout chosen, weight bytes, speed-up and FLOP limit.
@@ -398,9 +505,12 @@ def bench(
     (copied; a bare ``nn.Linear`` must sit in a container, e.g. ``nn.Sequential(linear)``).
     ``mask``: used as given, else :func:`make_mask` with ``method``, ``sparsity``, ``structure``.
     ``repeats``: most timed rounds per measurement (also ``to_sparse``'s repeats); ``budget_s``:
-    seconds per end-to-end measurement; ``threads``: ``torch.set_num_threads`` during the call.
+    seconds per end-to-end measurement; ``threads``: ``torch.set_num_threads`` during the call;
+    ``timer``: what times the figures (default :func:`sparsetrain.measure.time_interleaved`; tests
+    pass a fake), also handed to ``to_sparse``.
     """
     sizes = _check_inputs(sparsity, structure, batch_sizes, repeats, has_mask=mask is not None)
+    given_timer, timer = timer, timer or time_interleaved
     say = progress or (lambda _msg: None)
     with _threads(threads):
         name, base = _build(model, input_shape, num_classes, seed)
@@ -413,7 +523,8 @@ def bench(
         diffs: dict[int, float] = {}
         for b in sizes:
             say(f"{name}: batch {b}: converting (timing each layer) ...")
-            fast = to_sparse(base, mask, batch_size=b, input_shape=tuple(input_shape), repeats=repeats).eval()
+            fast = to_sparse(base, mask, batch_size=b, input_shape=tuple(input_shape), repeats=repeats,
+                             timer=given_timer).eval()
             report = sparse_report(fast)
             say(f"{name}: batch {b}: timing each layer ...")
             for r in report:
@@ -421,17 +532,18 @@ def bench(
                 s = 1.0 - r.nnz / weight_entries
                 layer = fast.get_submodule(r.name) if r.name else fast
                 choice = getattr(layer, "sparse_choice", None) or {}
-                d_t, s_t, speed = _layer_times(dense.get_submodule(r.name) if r.name else dense, layer, choice,
-                                        repeats, budget_s / 4)
+                d_t, s_t, speed, d_sp, s_sp = _layer_times(dense.get_submodule(r.name) if r.name else dense, layer,
+                                                           choice, repeats, budget_s / 4, timer)
                 rows.append(BenchRow(
                     batch_size=b, layer=r.name, kind=r.kind, layout=r.choice, shape=tuple(r.shape), nnz=r.nnz,
                     sparsity=s, dense_bytes=r.dense_bytes, stored_bytes=r.stored_bytes, dense_time=d_t,
                     sparse_time=s_t, speedup=speed, flop_limit=flop_limit(s),
                     candidates=dict(choice.get("times", {})), decided_by=choice.get("decided_by", ""),
+                    dense_spread=d_sp, sparse_spread=s_sp,
                 ))
             say(f"{name}: batch {b}: timing end to end ...")
             x = torch.randn((b, *input_shape), generator=g)
-            d_t, s_t, speed = _end_to_end(dense, fast, x, repeats, budget_s)
+            d_t, s_t, speed, d_sp, s_sp = _end_to_end(dense, fast, x, repeats, budget_s, timer)
             with torch.no_grad():
                 diffs[b] = float((fast(x) - dense(x)).abs().max())
             total = report.total
@@ -439,10 +551,10 @@ def bench(
             rows.append(BenchRow(
                 batch_size=b, layer=END_TO_END, kind="model", layout=_layouts(report), shape=(), nnz=total.nnz,
                 sparsity=s, dense_bytes=total.dense_bytes, stored_bytes=total.stored_bytes, dense_time=d_t,
-                sparse_time=s_t, speedup=speed, flop_limit=flop_limit(s),
+                sparse_time=s_t, speedup=speed, flop_limit=flop_limit(s), dense_spread=d_sp, sparse_spread=s_sp,
             ))
         return BenchResult(name, method, structure, sparsity, _mask_sparsity(mask), sizes, list(input_shape),
-                           torch.get_num_threads(), _kernel_note(), rows, diffs)
+                           torch.get_num_threads(), _kernel_note(), rows, diffs, cache_sizes())
 
 
 # ----------------------------------------------------------------------------- sweep and plot
@@ -462,6 +574,7 @@ def sweep(
     threads: int | None = None,
     seed: int = 0,
     progress: Progress = None,
+    timer: Timer | None = None,
 ) -> SweepResult:
     """End-to-end speed-up of ``to_sparse`` (auto-choice) over the dense masked model for every
     sparsity and batch size (one mask per sparsity, same model weights); options as :func:`bench`."""
@@ -472,6 +585,7 @@ def sweep(
         check_sparsity(s)
     sizes = _check_inputs(levels[0], structure, batch_sizes, repeats)
     say = progress or (lambda _msg: None)
+    given_timer, timer = timer, timer or time_interleaved
     with _threads(threads):
         name, base = _build(model, input_shape, num_classes, seed)
         g = torch.Generator().manual_seed(seed + 1)
@@ -483,10 +597,12 @@ def sweep(
             ms_ = _mask_sparsity(mask)
             for b in sizes:
                 say(f"{name}: sparsity {s:g}, batch {b} ...")
-                fast = to_sparse(base, mask, batch_size=b, input_shape=tuple(input_shape), repeats=repeats).eval()
+                fast = to_sparse(base, mask, batch_size=b, input_shape=tuple(input_shape), repeats=repeats,
+                                 timer=given_timer).eval()
                 x = torch.randn((b, *input_shape), generator=g)
-                d_t, s_t, speed = _end_to_end(dense, fast, x, repeats, budget_s)
-                points.append(SweepPoint(s, ms_, b, d_t, s_t, speed, flop_limit(ms_), _layouts(sparse_report(fast))))
+                d_t, s_t, speed, d_sp, s_sp = _end_to_end(dense, fast, x, repeats, budget_s, timer)
+                points.append(SweepPoint(s, ms_, b, d_t, s_t, speed, flop_limit(ms_), _layouts(sparse_report(fast)),
+                                         d_sp, s_sp))
         return SweepResult(name, method, structure, sizes, list(input_shape), torch.get_num_threads(),
                            _kernel_note(), points)
 
