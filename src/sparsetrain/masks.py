@@ -388,7 +388,6 @@ def save_mask(path: str | Path, mask: Mapping[str, torch.Tensor], metadata: dict
     ``sha256`` (:func:`content_sha256`), which :func:`load_mask` checks. The parameter order and a
     :class:`Mask`'s ``left_out`` and ``notes`` travel too. A tensor that is neither boolean nor
     0/1 is refused (:func:`as_bool_mask`)."""
-    from . import __version__
     from .state_io import save_tensors
 
     tensors = {n: as_bool_mask(n, m).cpu().contiguous() for n, m in mask.items()}
@@ -405,7 +404,7 @@ def save_mask(path: str | Path, mask: Mapping[str, torch.Tensor], metadata: dict
     elif "key" in meta:
         meta.setdefault("source", f"run {meta['key']}")
     meta |= {"sparsity": repr(overall_sparsity(tensors)) if tensors else "0.0",
-             "sparsetrain_version": __version__, "sha256": content_sha256(tensors)}
+             "sparsetrain_version": _version(), "sha256": content_sha256(tensors)}
     # safetensors sorts names; the parameter order (which breaks ties) travels in the metadata
     meta["sparsetrain.mask_order"] = json.dumps(list(mask))
     if left_out := _left_out(mask):
@@ -413,6 +412,17 @@ def save_mask(path: str | Path, mask: Mapping[str, torch.Tensor], metadata: dict
     if notes := _notes(mask):
         meta["sparsetrain.notes"] = json.dumps(notes)
     save_tensors(path, tensors, meta, what="mask")
+
+
+def _version() -> str:
+    """The installed sparsetrain's version (read from its metadata: importing the package root
+    here would make masks depend on everything the root imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparsetrain")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def load_mask(path: str | Path, model: nn.Module | None = None) -> Mask:
