@@ -6,6 +6,7 @@ found independently of the store's code, by locating each run's unique marker in
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -53,10 +54,23 @@ def _damage_page_of(root: Path, victim: int) -> set[int]:
     return on_page
 
 
-@pytest.fixture
-def damaged(tmp_path):
-    root = tmp_path / "store"
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """One healthy store, built once; each test damages its own copy."""
+    root = tmp_path_factory.mktemp("pristine") / "store"
     _build(root)
+    return root
+
+
+def _copy(pristine: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    shutil.copytree(pristine, root)
+    return root
+
+
+@pytest.fixture
+def damaged(pristine, tmp_path):
+    root = _copy(pristine, tmp_path)
     return root, _damage_page_of(root, victim=RUNS // 2)
 
 
@@ -120,9 +134,26 @@ def test_repair_keeps_every_readable_run_and_the_damaged_file(damaged):
     assert store.begin(gone, {"marker": "again"}, seed=0, versions={}).status == "running"
 
 
-def test_check_of_a_healthy_store_is_ok(tmp_path):
-    store = _build(tmp_path / "store")
+def test_check_of_a_healthy_store_is_ok(pristine, tmp_path):
+    store = RunStore(_copy(pristine, tmp_path))
     result = store.check(repair=True)
     assert result.ok and not result.repaired and result.unreadable == [] and result.problems == []
     assert "no damage found" in result.report()
     assert not list((tmp_path / "store").glob("*.damaged-*"))
+
+
+def test_a_row_with_garbled_json_is_named_not_fatal(pristine, tmp_path):
+    """A page SQLite can read but a row whose config text is cut short (bytes lost inside it)."""
+    root = _copy(pristine, tmp_path)
+    conn = sqlite3.connect(root / DB_NAME)
+    conn.execute("UPDATE runs SET config = '{\"marker\": \"cut sh' WHERE key = ?", (_key(3),))
+    conn.commit()
+    conn.close()
+    store = RunStore(root)
+    records = store.list()
+    assert [r.key for r in records] == [_key(i) for i in range(RUNS) if i != 3]
+    assert records.unreadable == [_key(3)]
+    result = store.check()
+    assert not result.ok and result.unreadable == [_key(3)]
+    assert store.check(repair=True).salvaged_runs == RUNS - 1
+    assert RunStore(root).check().ok and RunStore(root).get(_key(3)) is None
