@@ -50,14 +50,19 @@ def torch_threads_restored(monkeypatch):
     torch.set_num_threads(before)
 
 
+def find_mnist_root() -> Path | None:
+    """The first of :func:`mnist_roots` that holds MNIST, or ``None``."""
+    return next((root for root in mnist_roots() if has_mnist(root)), None)
+
+
 @pytest.fixture
 def mnist_root() -> Path:
     """The data root holding the real MNIST: ``$SPARSETRAIN_DATA`` when it has one, else
     ``../shared/datasets``; the test is skipped where neither has it."""
-    for root in mnist_roots():
-        if has_mnist(root):
-            return root
-    pytest.skip("no real MNIST in " + " or ".join(str(r / "mnist") for r in mnist_roots()))
+    root = find_mnist_root()
+    if root is None:
+        pytest.skip("no real MNIST in " + " or ".join(str(r / "mnist") for r in mnist_roots()))
+    return root
 
 
 @pytest.fixture
