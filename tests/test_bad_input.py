@@ -7,8 +7,6 @@ of another length, and inputs without targets."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -320,8 +318,3 @@ def test_the_cli_refuses_labels_outside_the_models_classes(capsys, tmp_path, mon
     assert "Traceback" not in err and not (tmp_path / "m.safetensors").exists()
     code, _, err = cli(capsys, "run", *argv, "--method", "random", "--iterations", "3", "--store", tmp_path / "s")
     assert code == 2 and "targets must be class indices 0..9 for this model's 10 outputs; got 10" in err
-
-
-def test_nan_is_not_a_valid_value_anywhere_a_float_setting_is_checked():
-    checked = [(s, n) for s, n, v, _ in OUT_OF_RANGE if isinstance(v, float) and math.isnan(v)]
-    assert ("train", "lr") in checked and ("prune", "sparsity") in checked
