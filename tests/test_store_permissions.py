@@ -92,6 +92,7 @@ except SparsetrainError as exc:
     assert [r.key for r in RunStore(shared_store).list()] == ["done", "open"], "nothing changed"
 
 
+@pytest.mark.slow  # two command-line processes (each imports torch): ~5 s
 def test_the_command_line_lists_a_read_only_store_and_refuses_to_train_into_it(shared_store):
     listing = _as_nobody("-m", "sparsetrain.cli.main", "runs", "--store", str(shared_store))
     assert listing.returncode == 0, listing.stderr
