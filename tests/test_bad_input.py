@@ -114,7 +114,7 @@ def test_a_recipe_with_a_bad_value_is_refused(capsys, tmp_path):
     recipe.write_text('model = "mlp-tiny"\ndataset = "synthetic"\n[train]\niterations = 10\nlr = -0.1\n')
     store = tmp_path / "store"
     code, _, err = cli(capsys, "run", "--recipe", recipe, "--store", store, "--no-progress")
-    assert code == 2 and "train.lr must be a positive finite number; got -0.1" in err
+    assert code == 2 and f"recipe {recipe}: train.lr must be a positive finite number; got -0.1" in err
     assert not store.exists()
 
 

@@ -246,7 +246,10 @@ class RunConfig:
         except tomllib.TOMLDecodeError as err:
             raise SparsetrainError(f"recipe {path} is not valid TOML: {err}") from None
         data.setdefault("name", Path(path).stem)
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except SparsetrainError as err:  # say which file holds the bad setting
+            raise SparsetrainError(f"recipe {path}: {err}") from None
 
     def to_toml(self) -> str:
         """The config as a TOML recipe (every setting, defaults included; tables last)."""
