@@ -203,6 +203,11 @@ def test_a_killed_runs_stale_lease_lists_as_interrupted(tmp_path):
     record = store.get("k")
     assert record.status == "interrupted" and record.lease.stale
     assert [r.key for r in store.list(status="interrupted")] == ["k"] and store.list(status="running") == []
+    store.begin("g", {}, seed=0, versions={}, group=("study", "s"))
+    _plant_lease(store, "g", host=socket.gethostname(), pid=_dead_pid(), age_s=0.0)
+    store.begin("h", {}, seed=0, versions={}, group=("study", "s"))  # running, no lease: shown as stored
+    summary, = store.groups()
+    assert (summary.counts["interrupted"], summary.counts["running"], summary.total) == (1, 1, 2)
     conn = sqlite3.connect(store.db_path)
     assert conn.execute("SELECT status FROM runs").fetchone()[0] == "running", "stored as is; shown as it is"
     conn.close()

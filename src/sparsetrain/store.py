@@ -1107,25 +1107,36 @@ class RunStore:
         return self.list(parent=key)
 
     def groups(self, kind: str | None = None) -> list[GroupSummary]:
-        """Every group (of ``kind`` if given), oldest first, with its run counts per status."""
+        """Every group (of ``kind`` if given), oldest first, with its run counts per status (a
+        'running' run whose lease is stale counts as 'interrupted', as in :meth:`list`)."""
         sql = (
-            "SELECT g.kind, g.name, g.created_at, r.status, COUNT(r.key) FROM groups AS g"
+            "SELECT g.id, g.kind, g.name, g.created_at, r.status, COUNT(r.key) FROM groups AS g"
             " LEFT JOIN runs AS r ON r.group_id = g.id"
+        )
+        stale_sql = (
+            "SELECT r.group_id, l.key, l.host, l.pid, l.token, l.started_at, l.beat_at, l.beat_unix"
+            " FROM runs AS r JOIN leases AS l ON l.key = r.key JOIN groups AS g ON g.id = r.group_id"
+            " WHERE r.status = 'running'"
         )
         params: tuple[Any, ...] = ()
         if kind is not None:
             sql += " WHERE g.kind = ?"
+            stale_sql += " AND g.kind = ?"
             params = (kind,)
         with self._connect() as conn:
             rows = conn.execute(sql + " GROUP BY g.id, r.status ORDER BY g.created_at, g.id", params).fetchall()
-        summaries: dict[tuple[str, str], GroupSummary] = {}
-        for group_kind, group_name, created_at, status, count in rows:
+            leased = conn.execute(stale_sql, params).fetchall()
+        summaries: dict[int, GroupSummary] = {}
+        for group_id, group_kind, group_name, created_at, status, count in rows:
             summary = summaries.setdefault(
-                (group_kind, group_name),
-                GroupSummary(group_kind, group_name, created_at, dict.fromkeys(RUN_STATUSES, 0)),
+                group_id, GroupSummary(group_kind, group_name, created_at, dict.fromkeys(RUN_STATUSES, 0))
             )
             if status is not None:  # a group whose runs were all deleted
                 summary.counts[status] = count
+        for group_id, *lease_row in leased:
+            if group_id in summaries and Lease(*lease_row).stale:
+                summaries[group_id].counts[RunStatus.RUNNING.value] -= 1
+                summaries[group_id].counts[RunStatus.INTERRUPTED.value] += 1
         return list(summaries.values())
 
 
