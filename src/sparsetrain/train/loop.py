@@ -312,7 +312,8 @@ def _show_eval(bar, progress, shown: dict[str, str], postfix, step: int, total: 
                seconds: float) -> None:
     """A validation check: into the bar's postfix (``progress=True``), or one line on stderr
     (``progress=False``)."""
-    shown.pop("val error", None), shown.pop("val loss", None)
+    shown.pop("val error", None)
+    shown.pop("val loss", None)
     if val_error is not None:
         shown["val error"] = f"{100 * val_error:.2f}%"
     else:
