@@ -144,3 +144,43 @@ def test_time_left_by_hand():
     left.add(common.Finished("b", {}, None, reused=False, seconds=60.0))
     left.add(common.Finished("c", {}, None, reused=False, seconds=120.0))
     assert left.text() == "2 to go, about 1.5 min left"  # 2 runs x 90 s mean / 2 workers
+
+
+def test_a_full_disk_while_writing_the_table_keeps_the_previous_one(capsys, tmp_path):
+    from sparsetrain.fsio import simulate_full_disk
+
+    out = tmp_path / "snip_table1.md"
+    out.write_text(FULL_TABLE)
+    with simulate_full_disk("report"):
+        code, _, err = reproduce(capsys, "snip-table1", "--report-only", "--store", tmp_path / "store", "--out", out)
+    assert code == 2 and "cannot write the report" in err and "no space left on device" in err
+    assert out.read_text() == FULL_TABLE and not out.with_suffix(".json").exists()
+
+
+class _InProcessPool:
+    """multiprocessing's Pool, run in this process (the worker processes' silence is what is tested)."""
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, jobs):
+        return map(fn, jobs)
+
+
+def test_with_workers_progress_comes_from_finished_runs_only(capsys, tmp_path, monkeypatch):
+    class Context:
+        Pool = _InProcessPool
+
+    monkeypatch.setattr(common.mp, "get_context", lambda method: Context)
+    options = ReproduceOptions(out=tmp_path / "t.md", store=tmp_path / "store", seeds=(0, 1), workers=2, threads=1)
+    records, failures = common.run_rows(tiny_configs(2), options, ("experiment", "tiny"))
+    assert failures == [] and len(records) == 2
+    err = capsys.readouterr().err
+    assert "(2 at a time)" in err and "step 10/20" not in err  # the workers print nothing of their own
+    assert "[1/2] tiny" in err and "[2/2] tiny" in err and "all done in" in err
