@@ -7,14 +7,14 @@ The real two-process and kill tests are in test_run_processes.py.
 
 from __future__ import annotations
 
+import importlib
+import os
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-
-import importlib
 
 import pytest
 import torch
@@ -27,6 +27,7 @@ from sparsetrain.run import run
 from sparsetrain.store import RunStore
 from sparsetrain.train.loop import Callback
 
+# ``sparsetrain.run`` the attribute is the function (re-exported by the package); the module by name.
 _combined_key = importlib.import_module("sparsetrain.run")._combined_key
 
 
@@ -250,3 +251,22 @@ def test_a_mask_made_in_memory_is_recorded_as_external(tmp_path):
     outcome = run(tiny(), store=store, progress=False, mask=_hand_mask(1))
     recorded = store.get(outcome.key).config
     assert recorded["prune"]["method"] == "external" and recorded["mask"] == {}
+
+
+def test_the_command_line_refuses_a_held_run_and_waits_with_wait(tmp_path, monkeypatch, capsys):
+    from sparsetrain.cli.common import config_from_args
+    from sparsetrain.cli.main import build_parser, main
+
+    monkeypatch.setattr(store_module, "LEASE_POLL_S", 0.02)
+    argv = ["run", "--model", "mlp-tiny", "--dataset", "synthetic", "--iterations", "20",
+            "--store", str(tmp_path / "store"), "--no-progress"]
+    key = config_from_args(build_parser().parse_args(argv)).key()
+    store = RunStore(tmp_path / "store")
+    lease = store.take_lease(key)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sparsetrain run: error: run {key} is being trained by pid {os.getpid()} on host ")
+    assert "pass --wait" in err and "Traceback" not in err
+    threading.Timer(0.3, lease.release).start()
+    assert main(argv + ["--wait"]) == 0, "waits for the release, then trains it (nothing was recorded)"
+    assert store.get(key).status == "finished"
