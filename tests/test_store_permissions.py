@@ -103,3 +103,22 @@ def test_the_command_line_lists_a_read_only_store_and_refuses_to_train_into_it(s
     assert training.stderr.startswith(f"sparsetrain run: error: the run store {shared_store} is not writable by you (user nobody)")
     assert "Traceback" not in training.stderr
 
+
+
+def test_a_read_only_reader_sees_what_a_live_writer_just_wrote(shared_store):
+    """While the owner's process has the store open, its latest writes sit in the -wal file; the
+    reader without write access reads them through the -shm index that process keeps."""
+    import sqlite3
+
+    writer = sqlite3.connect(shared_store / DB_NAME, isolation_level=None)
+    try:
+        writer.execute("UPDATE runs SET name = 'renamed while open' WHERE key = 'done'")
+        assert (shared_store / (DB_NAME + "-wal")).stat().st_size > 0
+        done = _as_nobody("-c", f"""
+from sparsetrain.store import RunStore
+print(sorted((r.key, r.name) for r in RunStore({str(shared_store)!r}).list()))
+""")
+    finally:
+        writer.close()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[('done', 'renamed while open'), ('open', '')]"
