@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -108,8 +109,6 @@ def test_the_command_line_lists_a_read_only_store_and_refuses_to_train_into_it(s
 def test_a_read_only_reader_sees_what_a_live_writer_just_wrote(shared_store):
     """While the owner's process has the store open, its latest writes sit in the -wal file; the
     reader without write access reads them through the -shm index that process keeps."""
-    import sqlite3
-
     writer = sqlite3.connect(shared_store / DB_NAME, isolation_level=None)
     try:
         writer.execute("UPDATE runs SET name = 'renamed while open' WHERE key = 'done'")
