@@ -126,7 +126,7 @@ def run_rows(configs: list[RunConfig], options: ReproduceOptions, group: tuple[s
     if pending:
         print(f"{len(pending)} run(s) to go through ({options.workers} at a time); runs already recorded "
               "are reused", file=sys.stderr, flush=True)
-    run_progress = (True if sys.stderr.isatty() else False) if options.progress else None
+    run_progress = sys.stderr.isatty() if options.progress else None  # a bar on a terminal, else lines
     eta = _TimeLeft(len(pending), options.workers)
     for done in run_many(pending, options.store, options.data_dir, options.device, options.workers,
                          options.threads, group=group, progress=run_progress):
