@@ -34,7 +34,8 @@ from .config import RunConfig
 from .errors import SparsetrainError
 from .masks import Mask, load_mask, save_mask
 from .pipeline import (  # noqa: F401  (DENSE, EXECUTIONS, validate, layer_table: part of this module's API)
-    DENSE, EXECUTIONS, build, find_mask, init_under_mask, layer_table, overall, pruning_batches, train_stage, validate,
+    DENSE, EXECUTIONS, build, find_mask, init_under_mask, layer_table, overall, pruning_batches, resolve_device,
+    train_stage, validate,
 )
 from .store import TERMINAL_STATUSES, HeldLease, RunStatus, RunStore
 from .train.loop import Callback
@@ -84,6 +85,7 @@ def run(
     ``wait``: then waits until it ends and returns its recorded outcome (or, if it died or failed,
     takes the run over and resumes it)."""
     validate(config)
+    resolve_device(device)  # a wrong --device is refused before anything is recorded
     if isinstance(store, (str, Path)):
         store = RunStore(default_store_root() if store == "default" else store)
     key = config.key() if mask is None else _combined_key(config, mask)
@@ -185,11 +187,16 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
     if given_mask is not None:
         mask = given_mask
     elif mask_file is not None and mask_file.exists():
-        mask = load_mask(mask_file, built.model)  # resuming: the mask was found before the interruption
+        try:  # resuming: the mask was found before the interruption
+            mask = load_mask(mask_file, built.model)
+        except SparsetrainError as err:
+            raise SparsetrainError(f"run {key} cannot resume: {err}. Its own mask is made again by starting "
+                                   "the run over: add --force (force=True in the API)") from err
     else:
         mask = find_mask(config, built)
     if mask_file is not None and mask is not None and not mask_file.exists():
-        save_mask(mask_file, mask, {"key": key, "method": config.prune.method})
+        save_mask(mask_file, mask, {"key": key, "method": config.prune.method, "model": config.model},
+                  model=built.model)
     prune_seconds = time.perf_counter() - started
 
     layers = layer_table(mask, built.model)

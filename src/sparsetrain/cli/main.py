@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..errors import SparsetrainError
+from ..run import Terminated
 from ..threads import request_threads
 from . import commands
 
@@ -31,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     except SparsetrainError as err:
         print(f"sparsetrain {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("\ninterrupted: the run is kept and resumes from its last checkpoint when started again",
               file=sys.stderr)
-        return 130
+        # the shell's convention: 128 + the signal's number (SIGTERM 15, SIGINT 2)
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
 
 
 if __name__ == "__main__":
