@@ -117,6 +117,18 @@ def test_full_disk_at_a_report_keeps_the_previous_one(tmp_path):
     assert path.read_text() == "# second\n" and json.loads(path.with_suffix(".json").read_text()) == {"rows": [1, 2]}
 
 
+def test_full_disk_at_a_reports_second_file_keeps_both_old_files(tmp_path):
+    """The Markdown and its JSON are renamed into place only once both are written: a disk that
+    fills up between the two leaves the old pair, not a new JSON beside an old table."""
+    path = tmp_path / "table.md"
+    write_report(path, "# first\n", {"rows": [1]}, provenance=None)
+    before = path.read_bytes(), path.with_suffix(".json").read_bytes()
+    with fsio.simulate_full_disk("report", after=1), pytest.raises(SparsetrainError, match="no space left"):
+        write_report(path, "# second\n", {"rows": [1, 2]}, provenance=None)
+    assert (path.read_bytes(), path.with_suffix(".json").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.json", "table.md"], "no temporary file left"
+
+
 def test_the_command_line_prints_the_message_not_a_traceback(tmp_path, capsys):
     argv = ["run", "--model", "mlp-tiny", "--dataset", "synthetic", "--iterations", "30", "--checkpoint-every", "10",
             "--store", str(tmp_path / "store"), "--no-progress"]

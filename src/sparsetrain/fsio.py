@@ -30,11 +30,11 @@ import errno
 import os
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from .errors import SparsetrainError
 
-__all__ = ["SITES", "atomic_write", "check_fault", "simulate_full_disk", "write_error"]
+__all__ = ["SITES", "atomic_write", "atomic_write_many", "check_fault", "simulate_full_disk", "write_error"]
 
 SITES = ("checkpoint", "mask", "model", "report", "store", "kernel", "export", "data")
 
@@ -108,21 +108,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, what
     """Call ``write(tmp)`` to write the content to a temporary file beside ``path``, flush it to
     disk and rename it over ``path``. On any failure the temporary file is removed and ``path`` is
     left as it was; an ``OSError`` becomes a :class:`SparsetrainError` (see :func:`write_error`)."""
-    path = Path(path)
-    # Same folder so os.replace is a rename within one file system (atomic); a unique name so two
-    # writers of the same path never clobber each other's half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    atomic_write_many([(path, write)], what=what)
+
+
+def atomic_write_many(items: Sequence[tuple[str | os.PathLike, Callable[[Path], None]]], *, what: str) -> None:
+    """:func:`atomic_write` for files that belong together (a report's Markdown and its JSON): every
+    temporary file is written and flushed first, and only then are they renamed into place, so a
+    failure while writing (a full disk) leaves all the old files, not a new one beside an old one."""
+    staged: list[tuple[Path, Path]] = []
+    path = Path(items[0][0]) if items else Path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        check_fault(what)
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
+        for target, write in items:
+            path = Path(target)
+            # Same folder so os.replace is a rename within one file system (atomic); a unique name
+            # so two writers of the same path never clobber each other's half-written file.
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_fault(what)
+            staged.append((tmp, path))
+            write(tmp)
+            _fsync(tmp)
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except OSError as exc:
-        _remove(tmp)
+        for tmp, _ in staged:
+            _remove(tmp)
         raise write_error(exc, path, what) from exc
     except BaseException:
-        _remove(tmp)
+        for tmp, _ in staged:
+            _remove(tmp)
         raise
 
 

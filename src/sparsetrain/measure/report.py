@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from ..fsio import atomic_write
+from ..fsio import atomic_write_many
 from ..machine import cpu_model, machine_description
 
 __all__ = ["Provenance", "load_average", "write_report"]
@@ -110,8 +110,8 @@ def write_report(path: str | Path, markdown: str, data: dict, *, provenance: Pro
         payload.setdefault("provenance", provenance.to_dict())
     md.parent.mkdir(parents=True, exist_ok=True)
     js_text = json.dumps(payload, indent=1, default=str, allow_nan=False) + "\n"
-    atomic_write(js, lambda tmp: tmp.write_text(js_text), what="report")
-    atomic_write(md, lambda tmp: tmp.write_text(text), what="report")
+    atomic_write_many([(js, lambda tmp: tmp.write_text(js_text)), (md, lambda tmp: tmp.write_text(text))],
+                      what="report")
     return md, js
 
 
