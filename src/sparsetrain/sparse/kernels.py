@@ -176,8 +176,12 @@ def load_extension():
             return None
         try:
             path = _build(_cache_dir())
-            if _damage(path) is not None:  # (replaced between the build and now by a damaged copy)
-                raise RuntimeError(f"{path} changed after it was built and verified; not loaded")
+            if _damage(path) is not None:
+                # Another process built it at the same time and the two checksums crossed (the
+                # library and its checksum cannot be replaced together): build once more.
+                path = _build(_cache_dir())
+                if _damage(path) is not None:
+                    raise RuntimeError(f"{path} keeps changing after it is built and verified; not loaded")
             lib = ctypes.CDLL(str(path))
             p, i64 = ctypes.c_void_p, ctypes.c_int64
             for fn in (lib.csr_matmul_f32, lib.csr_matmul_f64):
