@@ -319,6 +319,7 @@ def _show_eval(bar, progress, shown: dict[str, str], postfix, step: int, total: 
     else:
         shown["val loss"] = f"{val_loss:.4f}"
     if progress:
+        bar.update(step - bar.n)  # (the count otherwise moves every 50 iterations)
         bar.set_postfix(**shown, **(postfix or {}))
     elif progress is not None:
         items = [f"{k} {v}" for k, v in shown.items() if k != "acc"] + [f"{k} {v}" for k, v in (postfix or {}).items()]
