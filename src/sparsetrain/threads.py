@@ -1,11 +1,12 @@
 """How many torch threads a training run uses: the one rule, and the user's explicit choice.
 
 Torch's default uses every core. When another process holds one, every parallel region waits
-for the thread that shares the busy core, and a training step on the default threads takes 2 to
-3 times as long as on the idle cores alone (2,000 LeNet-300-100 iterations: 24 s on torch's two
-threads against 9.5 s on one, on a 2-core machine with one core busy). On a quiet machine the
-second thread gains only 1.3x on a step of a few milliseconds (LeNet-300-100 at batch 100) and
-about 1.6x on larger ones. So the rule (:func:`choose_threads`):
+for the thread that shares the busy core, and a training step on the default threads takes 1.6
+to 4 times as long as on the idle cores alone, more on a machine shared by several jobs (2,000
+LeNet-300-100 iterations: 24 s on torch's two threads against 9.5 s on one, on a 2-core machine
+with one core busy). On a quiet machine the second thread gains only about 1.15x on a step of a
+few milliseconds (LeNet-300-100 at batch 100) and about 1.6x on larger ones. So the rule
+(:func:`choose_threads`):
 
 - a step below :data:`SMALL_STEP_FLOPS` multiply-adds runs on one thread (little to gain, much to
   lose if a core gets busy later);
