@@ -31,7 +31,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_snip.py
 
 reproduce: setup
-	$(BIN)/sparsetrain reproduce snip-table1 --workers 2
+	$(BIN)/sparsetrain reproduce snip-table1 --workers 2 --out docs/results/snip_table1.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -54,15 +54,9 @@ def _assert_same_as_reference(store: RunStore, outcome, reference) -> None:
         assert final[part].keys() == state[part].keys()
         for name in state[part]:
             assert torch.equal(final[part][name], state[part][name]), (part, name)
-    # Every curve matches, except the running training loss/error first logged after the resume
-    # (step 50): the loop averages it over the steps since it started, which a resume restarts.
-    got = store.metrics(outcome.key)
-    assert got.keys() == metrics.keys()
-    for name, series in metrics.items():
-        if name in ("train_loss", "train_error"):
-            assert [p for p in got[name] if p[0] > 50] == [p for p in series if p[0] > 50], name
-        else:
-            assert got[name] == series, name
+    # Every curve matches, the running training loss/error first logged after the resume too (its
+    # accumulator travels in the checkpoint).
+    assert store.metrics(outcome.key) == metrics
 
 
 def test_full_disk_at_a_checkpoint(tmp_path, reference):

@@ -59,3 +59,18 @@ def test_the_command_line_exits_as_the_shell_expects_for_ctrl_c_and_sigterm(monk
     monkeypatch.setitem(commands.COMMANDS, "list", (*commands.COMMANDS["list"][:2], stopped))
     assert main.main(["list"]) == code
     assert "resumes from its last checkpoint" in capsys.readouterr().err
+
+
+def test_a_label_outside_the_classes_only_in_an_evaluation_split_is_explained():
+    """Training never saw it (the check there runs on the training batches): evaluate() says what
+    is wrong instead of torch's IndexError, whether the label is in the first batch or a later one."""
+    from sparsetrain.train.loop import evaluate
+
+    model = torch.nn.Linear(4, 3)
+    good = (torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    bad = (torch.randn(5, 4), torch.tensor([0, 1, 3, 0, 1]))
+    for loader in ([bad, good], [good, bad]):
+        with pytest.raises(SparsetrainError, match=r"targets must be class indices 0\.\.2 .* got 3"):
+            evaluate(model, loader)
+    error, _ = evaluate(model, [good])
+    assert 0.0 <= error <= 1.0

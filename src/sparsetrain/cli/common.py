@@ -78,7 +78,7 @@ def add_env_flags(p: argparse.ArgumentParser) -> None:
                    help="no progress bar: one line per validation check instead")
     g.add_argument("--threads", type=int, metavar="N",
                    help="torch threads (default: 1 for a small training step, e.g. LeNet-300-100 at batch 100, "
-                        "else the cores the load average leaves idle: torch's default on every core runs 2-3x "
+                        "else the cores the load average leaves idle: torch's default on every core ran 1.6-4x "
                         "slower when another process holds one; reproduce --workers W: cores / W each)")
 
 

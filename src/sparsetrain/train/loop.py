@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..batches import batch_size_of, forward_loss, logits_of, targets_of
+from ..batches import batch_size_of, check_targets, forward_loss, logits_of, targets_of
 from ..config import TrainConfig
 from ..errors import SparsetrainError
 from .optim import build_optimizer, build_schedule, total_iterations
@@ -144,13 +144,19 @@ def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float | None, floa
     model.eval()
     wrong, loss_sum, n = 0, 0.0, 0
     judged = True
-    for batch in loader:
+    for i, batch in enumerate(loader):
         size = batch_size_of(batch)
         if loss_fn is None and not isinstance(batch, dict):  # summed exactly as the mean would weigh it
             x, y = batch
             out = model(x)
             logits = logits_of(out)
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            if i == 0:  # labels outside the model's classes, in a split training never saw: say so
+                check_targets(logits, y)
+            try:
+                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            except (IndexError, RuntimeError):
+                check_targets(logits, y)  # a bad label in a later batch: the same message
+                raise
         else:
             loss, out = forward_loss(model, batch, loss_fn)
             loss_sum += float(loss) * size
@@ -211,12 +217,12 @@ def train(
 
     def checkpoint(step: int) -> None:
         if checkpoint_path is not None:
-            save_state(checkpoint_path, state.snapshot(step, model, optimizer, schedule))
+            save_state(checkpoint_path, state.snapshot(step, model, optimizer, schedule, running))
 
     started = time.perf_counter() - state.seconds
     bar = tqdm(total=total, initial=state.step, disable=not progress, dynamic_ncols=True, leave=False)
     shown: dict[str, str] = {}  # what the bar's postfix and the evaluation lines show
-    running = _Running()
+    running = _Running.from_state(state.running)
     model.train()
     stream = loaders.train.iter_from(state.step)
     status, reason, end = FINISHED, None, total
@@ -333,6 +339,19 @@ class _Running:
     def __init__(self):
         self.loss, self.wrong, self.n, self.batches, self.judged = 0.0, 0, 0, 0, True
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so that the first average logged after a resume covers the same
+        iterations as in an uninterrupted run."""
+        return {"loss": self.loss, "wrong": self.wrong, "n": self.n, "batches": self.batches, "judged": self.judged}
+
+    @classmethod
+    def from_state(cls, saved: dict[str, Any] | None) -> "_Running":
+        running = cls()
+        if saved:  # (checkpoints written before this was kept have none: the first average is short)
+            running.loss, running.wrong = saved["loss"], saved["wrong"]
+            running.n, running.batches, running.judged = saved["n"], saved["batches"], saved["judged"]
+        return running
+
     def add(self, loss: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor | None, n: int) -> None:
         self.loss = loss + self.loss
         if logits is None or targets is None:
@@ -362,8 +381,11 @@ class _State:
             self.best_step, self.best_val_error = step, val_error
             self.best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def snapshot(self, step: int, model, optimizer, schedule) -> dict[str, Any]:
+    running: dict[str, Any] | None = None  # the training loss/error accumulator (_Running.state)
+
+    def snapshot(self, step: int, model, optimizer, schedule, running: "_Running") -> dict[str, Any]:
         return {
+            "running": running.state(),
             "step": step,
             "seconds": self.seconds,
             "model": model.state_dict(),
@@ -389,4 +411,5 @@ class _State:
             best_val_error=saved["best_val_error"],
             best_model=saved["best_model"],
             min_test_error=saved["min_test_error"],
+            running=saved.get("running"),
         )
