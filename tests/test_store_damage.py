@@ -157,3 +157,27 @@ def test_a_row_with_garbled_json_is_named_not_fatal(pristine, tmp_path):
     assert not result.ok and result.unreadable == [_key(3)]
     assert store.check(repair=True).salvaged_runs == RUNS - 1
     assert RunStore(root).check().ok and RunStore(root).get(_key(3)) is None
+
+
+def test_a_page_whose_cell_pointers_are_garbled_does_not_drop_runs_silently(pristine, tmp_path):
+    """Bytes 8-200 of a runs page overwritten: the page header survives, so SQLite may scan it
+    without an error but miss (or misread) the rows behind the garbled cell pointers. Every run
+    is then either listed with its own content or named as unreadable: none goes missing."""
+    root = _copy(pristine, tmp_path)
+    db = root / DB_NAME
+    conn = sqlite3.connect(db)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    data = bytearray(db.read_bytes())
+    offset = data.index(_marker(RUNS // 2).encode())
+    start = offset - offset % page_size
+    data[start + 8:start + 200] = b"\xa5" * 192
+    db.write_bytes(bytes(data))
+
+    records = RunStore(root).list()
+    listed = {r.key for r in records}
+    assert listed.isdisjoint(records.unreadable)
+    assert listed | set(records.unreadable) == {_key(i) for i in range(RUNS)}, "no run silently dropped"
+    assert records.unreadable, "the damage is named"
+    assert all(r.config.get("marker") == _marker(int(r.key[3:])) for r in records), "what is listed is right"
+    assert RunStore(root).check().ok is False

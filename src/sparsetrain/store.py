@@ -1092,6 +1092,8 @@ class RunStore:
         with self._connect() as conn:
             try:
                 records = [_record(row) for row in conn.execute(_SELECT_RUNS + where + " ORDER BY r.created_at, r.rowid", params)]
+                if _rows_missing_from_scan(conn):  # a page SQLite reads without an error but misses rows of
+                    raise sqlite3.DatabaseError("database disk image is malformed (rows missing from a scan)")
             except (sqlite3.DatabaseError, ValueError) as exc:
                 if not _is_damage(exc):
                     raise
@@ -1152,6 +1154,15 @@ def _is_damage(exc: BaseException) -> bool:
     return name.startswith("SQLITE_CORRUPT") or "malformed" in str(exc)
 
 
+def _rows_missing_from_scan(conn: sqlite3.Connection) -> bool:
+    """Whether the key index lists a run that a scan of the table does not: the mark of a page
+    whose header survived but whose cell pointers were overwritten (SQLite then scans it without
+    an error). Two scans of small b-trees; a damaged index raises, which also counts as damage."""
+    indexed = conn.execute("SELECT rowid FROM runs INDEXED BY sqlite_autoindex_runs_1").fetchall()
+    scanned = conn.execute("SELECT rowid FROM runs NOT INDEXED").fetchall()
+    return {r for (r,) in indexed} != {r for (r,) in scanned}
+
+
 def _run_rowids(conn: sqlite3.Connection) -> tuple[list[tuple[int, str | None]], list[str]]:
     """(rowid, key) of every run, read from an index when the table's own pages are damaged.
 
@@ -1209,7 +1220,11 @@ def _read_row_by_row(conn: sqlite3.Connection, where: str, params: Sequence[Any]
             row = conn.execute(_SELECT_RUNS + " WHERE r.rowid = ?" + condition, (rowid, *params)).fetchone()
             if row is not None:
                 record = _record(row)
+                if key is not None and record.key != key:  # a garbled page pointing at another row
+                    raise sqlite3.DatabaseError(f"database disk image is malformed (rowid {rowid} reads as another run)")
                 records.append((record.created_at, rowid, record))
+            elif conn.execute("SELECT 1 FROM runs WHERE rowid = ?", (rowid,)).fetchone() is None:
+                raise sqlite3.DatabaseError(f"database disk image is malformed (rowid {rowid} is in the index only)")
         except (sqlite3.DatabaseError, ValueError) as exc:
             if not _is_damage(exc):
                 raise
