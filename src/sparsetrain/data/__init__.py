@@ -7,11 +7,11 @@
     ((50, 1, 28, 28), 10)
 
 Data sets are registered by name in ``DATASETS`` (``"mnist"``, ``"fashion-mnist"``,
-``"synthetic"``), each with the frozen dataclass of the arguments it takes
+``"cifar10"``, ``"cifar100"``, ``"tiny-imagenet"``, ``"synthetic"``), each with the frozen dataclass of the arguments it takes
 (``dataset_spec(name).args``; build one with ``dataset_args(name, {...})``). Files are looked for
 in ``<root>/<name>/`` with root ``data_dir``, else ``$SPARSETRAIN_DATA``, else
 ``~/.cache/sparsetrain``. One module per concern: ``files`` (fetch, checksum, cache, archives),
-``args``, ``views``, ``transforms``, ``loaders``; one per format family (``idx``, ``synthetic``).
+``args``, ``views``, ``transforms``, ``loaders``; one per format family (``idx``, ``cifar``, ``tiny_imagenet``, ``synthetic``).
 See docs/data.md.
 """
 
@@ -27,6 +27,7 @@ from .base import (
     register_dataset,
 )
 from .files import DataFile, ensure_extracted, locate_files
+from . import cifar, tiny_imagenet  # noqa: F401  (they register "cifar10", "cifar100", "tiny-imagenet")
 from .idx import MIRRORS, SHA256, load_idx_dataset, read_idx, resolve_data_root
 from .loaders import EvalLoader, Loaders, TrainStream, create_loaders, preprocess, split_train_val
 from .synthetic import SyntheticArgs, make_synthetic

@@ -36,6 +36,8 @@ class RawData:
 
     ``train_x`` / ``test_x``: uint8 (pixels 0..255) or float tensors of shape (N, C, H, W).
     ``train_y`` / ``test_y``: int64 tensors of shape (N,) with values in ``[0, num_classes)``.
+    ``keep_uint8``: the loaders keep uint8 images as they are and standardise each batch when it
+    is drawn (large data sets: CIFAR, Tiny-ImageNet), instead of one float32 copy of everything.
     """
 
     train_x: torch.Tensor
@@ -43,6 +45,7 @@ class RawData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    keep_uint8: bool = False
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -2,9 +2,10 @@
 
 One copy for every data set. A data set's files live in ``<root>/<name>/`` with ``<root>`` from
 :func:`resolve_data_root`; each is described by a :class:`DataFile` (its name as downloaded and
-the sha256 it must have). :func:`locate_files` finds them there or downloads the missing ones
-from ``MIRRORS[name]``; :func:`ensure_extracted` does the same for one archive (a ``.tar.gz``, as
-CIFAR is distributed) and unpacks it into the folder once.
+the sha256 it must have, or the md5 its publisher gives). :func:`locate_files` finds them there or
+downloads the missing ones from ``MIRRORS[name]``; :func:`ensure_extracted` does the same for one
+archive (a ``.tar.gz``, as CIFAR is distributed, or a ``.zip``, as Tiny-ImageNet is) and unpacks it
+into the folder once.
 
     >>> import tempfile
     >>> from pathlib import Path
@@ -19,7 +20,9 @@ CIFAR is distributed) and unpacks it into the folder once.
 Checksums. A file whose format is gzip (``DataFile(..., gzip=True)``, as the IDX files are) is
 checked by the sha256 of its *decompressed* content, so recompressed copies are accepted, and an
 uncompressed copy (the name without ``.gz``) is accepted too. Any other file, an archive
-included, is checked by the sha256 of its bytes. Successful checks are remembered for the process
+included, is checked by the sha256 of its bytes, or by their md5 where that is the only checksum
+the publisher gives (CIFAR, Tiny-ImageNet: ``DataFile(name, sha256=None, md5=...)``; md5 guards
+against damaged downloads, which is all it is asked to do here). Successful checks are remembered for the process
 and in a ``.verified.json`` beside the files, keyed by size and mtime, so a changed file is checked
 again. Downloads go to a temporary name and are renamed into place only once their checksum
 matched: an interrupted download never leaves half a file under the real name.
@@ -38,6 +41,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +75,14 @@ class DataFile:
 
     ``gzip=True``: the file is gzip-compressed (``name`` ends in ``.gz``); ``sha256`` is that of
     the decompressed content, and an uncompressed copy named without ``.gz`` is accepted too.
-    ``sha256=None``: nothing to check.
+    ``md5``: the md5 of the file's bytes, for files whose publisher gives only that (checked
+    beside ``sha256`` when both are given). Neither: nothing to check.
     """
 
     name: str
     sha256: str | None
     gzip: bool = False
+    md5: str | None = None
 
     def __post_init__(self):
         if self.gzip and not self.name.endswith(".gz"):
@@ -217,25 +223,33 @@ def _count(n: int) -> str:
 # Checksums and the cache
 
 
-def verify(path: Path, expected: str | None, content: bytes | None = None) -> None:
-    """Refuse ``path`` unless its sha256 is ``expected`` (None: nothing to check).
+def verify(path: Path, expected: str | None, content: bytes | None = None, algorithm: str = "sha256") -> None:
+    """Refuse ``path`` unless its ``algorithm`` (``"sha256"`` or ``"md5"``) digest is ``expected``
+    (None: nothing to check).
 
     ``content``: the bytes to hash, when the caller has them (the decompressed content of a gzip
     file); by default the file's bytes, hashed in chunks. Remembered files are not hashed again.
     """
-    if expected is None or _is_verified(path, expected):
+    if expected is None or _is_verified(path, expected, algorithm):
         return
-    found = hashlib.sha256(content).hexdigest() if content is not None else _hash_file(path)
+    found = hashlib.new(algorithm, content).hexdigest() if content is not None else _hash_file(path, algorithm)
     if found != expected:
         what = "its decompressed content" if path.suffix == ".gz" and content is not None else "the file"
         raise SparsetrainError(
-            f"{path} is corrupt: sha256 of {what} is {found}, expected {expected}. {FIX_BAD_FILE}"
+            f"{path} is corrupt: {algorithm} of {what} is {found}, expected {expected}. {FIX_BAD_FILE}"
         )
-    _mark_verified(path, expected)
+    _mark_verified(path, expected, algorithm)
 
 
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def verify_file(path: Path, file: DataFile) -> None:
+    """Refuse ``path`` unless its bytes have every checksum ``file`` gives (sha256, md5); for a
+    file that is not gzip (a gzip file's sha256 is of its content: see :func:`verify`)."""
+    verify(path, file.sha256)
+    verify(path, file.md5, algorithm="md5")
+
+
+def _hash_file(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
     try:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -250,18 +264,18 @@ def _stat_key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-def _is_verified(path: Path, expected: str) -> bool:
+def _is_verified(path: Path, expected: str, algorithm: str = "sha256") -> bool:
     resolved, size, mtime_ns = _stat_key(path)
     if (resolved, size, mtime_ns, expected) in _VERIFIED_IN_PROCESS:
         return True
     entry = _read_json(path.parent / VERIFIED_FILE).get(path.name)
-    return entry == {"size": size, "mtime_ns": mtime_ns, "sha256": expected}
+    return entry == {"size": size, "mtime_ns": mtime_ns, algorithm: expected}
 
 
-def _mark_verified(path: Path, expected: str) -> None:
+def _mark_verified(path: Path, expected: str, algorithm: str = "sha256") -> None:
     resolved, size, mtime_ns = _stat_key(path)
     _VERIFIED_IN_PROCESS.add((resolved, size, mtime_ns, expected))
-    _update_json(path.parent / VERIFIED_FILE, path.name, {"size": size, "mtime_ns": mtime_ns, "sha256": expected})
+    _update_json(path.parent / VERIFIED_FILE, path.name, {"size": size, "mtime_ns": mtime_ns, algorithm: expected})
 
 
 def _update_json(dest: Path, key: str, value: object) -> None:
@@ -336,6 +350,8 @@ def _fetch(url: str, dest: Path, file: DataFile) -> Path:
             found = _hash_file(Path(tmp))
         if file.sha256 is not None and found != file.sha256:
             raise ValueError(f"downloaded file is corrupt: sha256 {found}, expected {file.sha256}")
+        if file.md5 is not None and (found_md5 := _hash_file(Path(tmp), "md5")) != file.md5:
+            raise ValueError(f"downloaded file is corrupt: md5 {found_md5}, expected {file.md5}")
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a data cache is meant to be shared
         os.replace(tmp, dest)
     except BaseException:
@@ -343,6 +359,8 @@ def _fetch(url: str, dest: Path, file: DataFile) -> Path:
         raise
     if file.sha256 is not None:
         _mark_verified(dest, file.sha256)
+    if file.md5 is not None:
+        _mark_verified(dest, file.md5, "md5")
     return dest
 
 
@@ -358,10 +376,10 @@ def ensure_extracted(
     download: bool = True,
 ) -> Path:
     """The folder ``<root>/<name>/`` holding ``contents`` (paths relative to it), extracted once
-    from the tar ``archive`` (any compression tarfile reads) when any of them is missing.
+    from ``archive`` (a tar, any compression tarfile reads, or a zip) when any of them is missing.
 
     The archive is located or downloaded like any file and checked against ``archive.sha256``
-    before anything is unpacked. Extraction goes to a temporary folder beside the data and is moved
+    and ``archive.md5`` before anything is unpacked. Extraction goes to a temporary folder beside the data and is moved
     into place member by member, so a failure leaves nothing half-written under the real names;
     members that would land outside the folder (absolute paths, ``..``, links pointing out, device
     files) are refused. Once ``contents`` exist the archive is no longer needed (it is kept).
@@ -370,8 +388,15 @@ def ensure_extracted(
     folder = root / name
     if contents and all((folder / c).exists() for c in contents):
         return folder
-    (path,) = locate_files(name, [archive], data_dir, download)
-    verify(path, archive.sha256)
+    try:
+        (path,) = locate_files(name, [archive], data_dir, download)
+    except SparsetrainError as e:  # say that an unpacked copy would do as well, and what it lacks
+        absent = [c for c in contents if not (folder / c).exists()]
+        raise SparsetrainError(
+            f"{e}\nOr unpack {archive.name} yourself: {folder} must then hold {', '.join(contents)} "
+            f"(missing: {', '.join(absent)})."
+        ) from e
+    verify_file(path, archive)
     _extract(path, folder)
     absent = [c for c in contents if not (folder / c).exists()]
     if absent:
@@ -389,12 +414,15 @@ def _extract(archive: Path, folder: Path) -> None:
         raise SparsetrainError(f"cannot extract {archive}: cannot write into {folder} ({e})") from e
     try:
         try:
-            with tarfile.open(archive) as tar:
-                members = tar.getmembers()
-                for member in members:
-                    _check_member(member, archive)
-                tar.extractall(tmp, members=members, **_TAR_FILTER)
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # SparsetrainError passes
+            if zipfile.is_zipfile(archive):
+                _extract_zip(archive, tmp)
+            else:
+                with tarfile.open(archive) as tar:
+                    members = tar.getmembers()
+                    for member in members:
+                        _check_member(member, archive)
+                    tar.extractall(tmp, members=members, **_TAR_FILTER)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:  # SparsetrainError passes
             raise bad_file(archive, f"cannot extract ({e})") from e
         for entry in sorted(tmp.iterdir()):
             target = folder / entry.name
@@ -413,6 +441,22 @@ def _extract(archive: Path, folder: Path) -> None:
 # Python >= 3.11.4 has tarfile's own "data" filter (refuses the same things and strips odd modes);
 # _check_member refuses them on any version, so that the error names the archive and the member.
 _TAR_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    """Unpack zip ``archive`` into ``dest``, refusing members that would land outside it and
+    links (a zip stores a symlink as a member whose Unix mode says so)."""
+    with zipfile.ZipFile(archive) as z:
+        members = z.infolist()
+        for member in members:
+            if not _inside(member.filename):
+                raise bad_file(archive, f"member {member.filename!r} would be written outside the data folder; "
+                                        "refusing to extract the archive")
+            kind = (member.external_attr >> 16) & 0o170000
+            if kind not in (0, 0o100000, 0o040000):  # unknown (DOS), regular file, folder
+                raise bad_file(archive, f"member {member.filename!r} is a link or special file; "
+                                        "refusing to extract the archive")
+        z.extractall(dest, members=members)
 
 
 def _check_member(member: tarfile.TarInfo, archive: Path) -> None:

@@ -4,13 +4,18 @@ No ``torch.utils.data.DataLoader``: MNIST-sized data sets fit in memory, and ind
 is far cheaper on CPU than collating per-example items. Every batch order is a pure function of
 seeds and the step number, so an interrupted run resumes with exactly the batches it would have
 seen.
+
+Large natural-image data sets (CIFAR, Tiny-ImageNet) ask to stay uint8 (``RawData.keep_uint8``):
+their loaders hold the 0..255 pixels and standardise each batch as it is drawn
+(:class:`Standardise`), with the same arithmetic as :func:`preprocess`, so that Tiny-ImageNet takes
+1.2 GB instead of a 5 GB float32 copy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -38,6 +43,8 @@ class TrainStream:
     The data is moved to ``device`` once, at construction, so batches are produced there.
     ``transform`` (optional, see :mod:`sparsetrain.data.transforms`) changes each batch as a pure
     function of (batch, ``seed``, step), so resuming stays exact; ``x`` holds the examples before it.
+    ``prepare`` (optional) turns stored examples into model inputs before ``transform``: a
+    :class:`Standardise` when ``x`` is kept as uint8.
     """
 
     def __init__(
@@ -48,6 +55,7 @@ class TrainStream:
         seed: int = 0,
         device: str | torch.device = "cpu",
         transform: BatchTransform | None = None,
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         _check_pair(x, y)
         if batch_size < 1 or batch_size > len(x):
@@ -59,6 +67,7 @@ class TrainStream:
         self.batch_size = batch_size
         self.seed = seed
         self.transform = transform
+        self.prepare = prepare
         self.steps_per_epoch = len(x) // batch_size
         self._perm_epoch: int | None = None
         self._perm: torch.Tensor | None = None
@@ -81,9 +90,10 @@ class TrainStream:
             raise SparsetrainError(f"step must be >= 0, got {step}")
         epoch, i = divmod(step, self.steps_per_epoch)
         idx = self.epoch_permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        x = self.x[idx] if self.prepare is None else self.prepare(self.x[idx])
         if self.transform is None:
-            return self.x[idx], self.y[idx]
-        return self.transform(self.x[idx], self.seed, step), self.y[idx]
+            return x, self.y[idx]
+        return self.transform(x, self.seed, step), self.y[idx]
 
     def iter_from(self, step: int = 0) -> Iterator[Batch]:
         """Batches of steps ``step``, ``step + 1``, ... forever."""
@@ -99,17 +109,24 @@ class EvalLoader:
     """Fixed-order batches covering every example exactly once; the last may be smaller.
 
     The data is moved to ``device`` once, at construction. Batches are views of the stored
-    tensors: do not modify them in place.
+    tensors: do not modify them in place. ``prepare`` (optional) turns each batch of stored
+    examples into model inputs (a :class:`Standardise` for data kept as uint8).
     """
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: str | torch.device = "cpu"
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         _check_pair(x, y)
         if batch_size < 1:
             raise SparsetrainError(f"evaluation batch size must be >= 1, got {batch_size}")
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size = batch_size
+        self.prepare = prepare
 
     @property
     def num_examples(self) -> int:
@@ -120,7 +137,8 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         for start in range(0, len(self.x), self.batch_size):
-            yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
+            x = self.x[start : start + self.batch_size]
+            yield x if self.prepare is None else self.prepare(x), self.y[start : start + self.batch_size]
 
 
 @dataclass
@@ -175,23 +193,33 @@ def create_loaders(
     args = spec.make_args(data_args)
     raw = spec.load(data_dir, download, args)
     view = getattr(args, "view", "image")
-    train_x, test_x, mean, std = preprocess(raw)
+    if raw.keep_uint8 and raw.train_x.dtype == torch.uint8:  # standardised per batch, as it is drawn
+        mean, std = uint8_channel_stats(raw.train_x)
+        train_x, test_x = raw.train_x, raw.test_x
+        standardise = Standardise(*_per_channel(mean, std))
+        stored_view, as_input = (lambda x: x), Standardise(standardise.mean, standardise.std, view)
+    else:
+        train_x, test_x, mean, std = preprocess(raw)
+        standardise = None
+        stored_view, as_input = (lambda x: apply_view(view, x)), None
     (tr_x, tr_y), val = split_train_val(train_x, raw.train_y, val_fraction, split_seed)
     input_shape = tuple(apply_view(view, train_x[:1]).shape[1:])  # also refuses a view the data cannot take
     augment = train_transform(args, *_per_channel(mean, std))
     if augment is None:
-        train = TrainStream(apply_view(view, tr_x), tr_y, batch_size, seed=shuffle_seed, device=device)
-    else:  # the stream keeps images; each batch is transformed, then viewed
+        train = TrainStream(stored_view(tr_x), tr_y, batch_size, seed=shuffle_seed, device=device, prepare=as_input)
+    else:  # the stream keeps images; each batch is (standardised,) transformed, then viewed
         if train_x.dim() != 4:
             raise SparsetrainError(
                 f"train-time transforms need image examples (C, H, W); {name!r} has {tuple(train_x.shape[1:])}"
             )
         transform = augment if view == "image" else ThenView(augment, view)
-        train = TrainStream(tr_x, tr_y, batch_size, seed=shuffle_seed, device=device, transform=transform)
+        train = TrainStream(tr_x, tr_y, batch_size, seed=shuffle_seed, device=device, transform=transform,
+                            prepare=standardise)
     return Loaders(
         train=train,
-        val=None if val is None else EvalLoader(apply_view(view, val[0]), val[1], eval_batch_size, device=device),
-        test=EvalLoader(apply_view(view, test_x), raw.test_y, eval_batch_size, device=device),
+        val=None if val is None else EvalLoader(stored_view(val[0]), val[1], eval_batch_size, device=device,
+                                                prepare=as_input),
+        test=EvalLoader(stored_view(test_x), raw.test_y, eval_batch_size, device=device, prepare=as_input),
         input_shape=input_shape,
         num_classes=raw.num_classes,
         name=name,
@@ -223,6 +251,60 @@ def preprocess(raw: RawData) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
     if channels == 1:
         return train_x, test_x, means[0], stds[0]
     return train_x, test_x, tuple(means), tuple(stds)
+
+
+def uint8_channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[Any, Any]:
+    """(mean, std) of uint8 images (N, C, ...) divided by 255, per channel, without a float copy:
+    each channel's histogram of the 256 values is counted in chunks of ``chunk`` examples, and the
+    mean and population std follow from it exactly (in float64). Floats for one channel, tuples of
+    C floats otherwise, as :func:`preprocess` returns them; a constant channel gets std 1.
+
+        >>> x = torch.tensor([[[0, 255]], [[255, 255]]], dtype=torch.uint8).unsqueeze(1)  # (2, 1, 1, 2)
+        >>> uint8_channel_stats(x)
+        (0.75, 0.4330127018922193)
+    """
+    channels = x.shape[1] if x.dim() >= 3 else 1
+    counts = torch.zeros(channels, 256, dtype=torch.int64)
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk]
+        for c in range(channels):
+            counts[c] += torch.bincount(_channel(part, c).reshape(-1).to(torch.int64), minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(channels):
+        n = counts[c].sum().to(torch.float64)
+        mean = (counts[c] * values).sum() / n
+        std = float(((counts[c] * (values - mean) ** 2).sum() / n).sqrt())
+        means.append(float(mean))
+        stds.append(std if std > 0 else 1.0)
+    if channels == 1:
+        return means[0], stds[0]
+    return tuple(means), tuple(stds)
+
+
+@dataclass(frozen=True)
+class Standardise:
+    """A batch of uint8 examples (B, C, ...) as model inputs: float32 divided by 255, standardised
+    per channel by ``mean`` / ``std`` (one entry per channel), then presented in ``view``.
+
+    The same operations, in the same order and precision, as :func:`preprocess` applies to a
+    whole data set, so a batch standardised here equals the same examples standardised up front
+    with the same statistics; only the batch is ever float.
+
+        >>> s = Standardise(mean=(0.5,), std=(0.25,))
+        >>> s(torch.tensor([[[[0, 255]]]], dtype=torch.uint8)).tolist()
+        [[[[-2.0, 2.0]]]]
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    view: str = "image"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = _to_float(x)
+        for c, (m, s) in enumerate(zip(self.mean, self.std)):
+            _channel(x, c).sub_(m).div_(s)
+        return apply_view(self.view, x)
 
 
 def _channel(x: torch.Tensor, c: int) -> torch.Tensor:
