@@ -18,7 +18,8 @@ import torch
 
 from fake_datasets import write_cifar10, write_cifar100
 from sparsetrain.cli.main import main
-from sparsetrain.data import MIRRORS, cifar, create_loaders, load_dataset
+from sparsetrain.data import MIRRORS, RawData, cifar, create_loaders, load_dataset, preprocess
+from sparsetrain.data.loaders import Standardise
 from sparsetrain.errors import SparsetrainError
 
 
@@ -119,6 +120,16 @@ def test_loaders_keep_uint8_and_standardise_each_batch_per_channel(tmp_path):
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
     x, y = loaders.train.batch(3)
     assert x.dtype == torch.float32 and x.shape == (10, 3, 32, 32)
+
+
+def test_per_batch_standardisation_equals_the_whole_set_one():
+    """Given the same statistics, a uint8 batch standardised as it is drawn equals, bit for bit,
+    the same examples in the float32 copy ``preprocess`` makes of the whole set."""
+    x = torch.randint(0, 256, (300, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = torch.zeros(300, dtype=torch.int64)
+    whole, _, mean, std = preprocess(RawData(x, labels, x[:5], labels[:5], 2))
+    assert torch.equal(Standardise(mean, std)(x[17:40]), whole[17:40])
+    assert torch.equal(Standardise(mean, std, view="pixels")(x[:3]), whole[:3].permute(0, 2, 3, 1).reshape(3, 64, 3))
 
 
 def test_views_work_on_uint8_storage(tmp_path):

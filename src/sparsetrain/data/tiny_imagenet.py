@@ -12,11 +12,11 @@ once into ``<root>/tiny-imagenet/`` by :func:`~sparsetrain.data.files.ensure_ext
   (``test/`` has no labels and is not read); ``words.txt`` is not needed.
 
 Images are 64x64 JPEGs, some of them greyscale (converted to RGB). Decoding the 110000 JPEGs takes
-about a minute, so the decoded uint8 arrays are cached once in
+tens of seconds, so the decoded uint8 arrays are cached once in
 ``<root>/tiny-imagenet/tiny-imagenet-200.uint8.npz`` (through :func:`sparsetrain.fsio.atomic_write`,
 site ``"data"``), keyed by a fingerprint of the file names and sizes, so a changed folder is decoded
 again; a folder the user may not write is simply decoded every time. The images stay uint8 in
-memory (1.2 GB, where float32 would be 5 GB) and are standardised per batch
+memory (1.35 GB, where float32 would be 5.4 GB) and are standardised per batch
 (``RawData.keep_uint8``).
 """
 
