@@ -202,6 +202,15 @@ def test_missing_folder_names_the_files_and_where(tmp_path):
     assert "--data-dir" in msg
 
 
+def test_folder_in_the_root_itself_is_pointed_out(tmp_path):
+    """torchvision keeps <root>/cifar-10-batches-py; sparsetrain looks in <root>/cifar10/."""
+    data = write_cifar10(tmp_path)
+    (data.folder / "cifar-10-batches-py").rename(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(SparsetrainError, match=f"Note: {tmp_path} holds cifar-10-batches-py itself; "
+                                               f"sparsetrain looks in {tmp_path / 'cifar10'}: move it there"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
 def test_partial_folder_names_what_is_missing(tmp_path):
     data = write_cifar10(tmp_path)
     (data.folder / "cifar-10-batches-py" / "data_batch_3").unlink()

@@ -392,9 +392,13 @@ def ensure_extracted(
         (path,) = locate_files(name, [archive], data_dir, download)
     except SparsetrainError as e:  # say that an unpacked copy would do as well, and what it lacks
         absent = [c for c in contents if not (folder / c).exists()]
+        note = ""
+        if contents and (root / Path(contents[0]).parts[0]).exists():  # torchvision's layout: <root>/<folder>
+            note = (f"\nNote: {root} holds {Path(contents[0]).parts[0]} itself; sparsetrain looks in {folder}: "
+                    f"move it there.")
         raise SparsetrainError(
             f"{e}\nOr unpack {archive.name} yourself: {folder} must then hold {', '.join(contents)} "
-            f"(missing: {', '.join(absent)})."
+            f"(missing: {', '.join(absent)}).{note}"
         ) from e
     verify_file(path, archive)
     _extract(path, folder)
