@@ -252,3 +252,40 @@ def test_run_end_to_end_on_generated_cifar10(tmp_path, capsys):
     assert code == 0, err
     assert "vgg-cifar-small on cifar10" in out
     assert re.search(r"test error \(final model\):\s+[\d.]+%", out)
+
+
+def test_augmented_cifar_run_resumes_bit_identically(tmp_path, monkeypatch):
+    """An interrupted run on CIFAR-10 with random_crop and flip resumes with the batches and
+    draws the uninterrupted run saw: the same final weights."""
+    from sparsetrain.config import RunConfig
+    from sparsetrain.run import run
+    from sparsetrain.state_io import load_state
+    from sparsetrain.store import RunStore
+
+    write_cifar10(tmp_path / "data")
+    config = RunConfig(model="mlp-tiny", dataset="cifar10", data_args={"random_crop": 4, "flip": True}).replace(
+        prune={"sparsity": 0.5}, train={"iterations": 12, "batch_size": 15, "val_every": 4, "checkpoint_every": 4})
+    kw = dict(data_dir=tmp_path / "data", download=False, progress=False)
+    reference = RunStore(tmp_path / "reference")
+    run(config, store=reference, **kw)
+    store = RunStore(tmp_path / "interrupted")
+    real_log = RunStore.log_metrics
+
+    def interrupt_after_8(self, key, step, metrics):
+        if step > 8:
+            raise KeyboardInterrupt
+        return real_log(self, key, step, metrics)
+
+    monkeypatch.setattr(RunStore, "log_metrics", interrupt_after_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, store=store, **kw)
+    assert load_state(store.root / "runs" / config.key() / "checkpoint.safetensors")["step"] == 8
+    monkeypatch.setattr(RunStore, "log_metrics", real_log)
+    run(config, store=store, **kw)
+    key = config.key()
+    assert store.get(key).status == "finished"
+    a = load_state(store.root / "runs" / key / "checkpoint.safetensors")
+    b = load_state(reference.root / "runs" / key / "checkpoint.safetensors")
+    assert a["step"] == b["step"] == 12
+    for name in b["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
