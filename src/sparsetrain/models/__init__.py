@@ -12,6 +12,7 @@ recurrent models take sequences (T, F), which the data layer's ``view`` gives th
 """
 
 from . import lenet, small, vgg  # noqa: F401  (importing the families fills the registry)
+from . import mlp, rnn  # noqa: F401
 from . import alexnet, resnet, simple_cnn  # noqa: F401
 from .registry import MODELS, check_model_args, create_model, default_input_shape, describe_model_args, list_models, model_args_of
 
