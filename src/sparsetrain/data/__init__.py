@@ -7,11 +7,12 @@
     ((50, 1, 28, 28), 10)
 
 Data sets are registered by name in ``DATASETS`` (``"mnist"``, ``"fashion-mnist"``,
-``"cifar10"``, ``"cifar100"``, ``"tiny-imagenet"``, ``"synthetic"``), each with the frozen dataclass of the arguments it takes
-(``dataset_spec(name).args``; build one with ``dataset_args(name, {...})``). Files are looked for
-in ``<root>/<name>/`` with root ``data_dir``, else ``$SPARSETRAIN_DATA``, else
-``~/.cache/sparsetrain``. One module per concern: ``files`` (fetch, checksum, cache, archives),
-``args``, ``views``, ``transforms``, ``loaders``; one per format family (``idx``, ``cifar``, ``tiny_imagenet``, ``synthetic``).
+``"cifar10"``, ``"cifar100"``, ``"tiny-imagenet"``, ``"synthetic"``), each with the frozen
+dataclass of the arguments it takes (``dataset_spec(name).args``; build one with
+``dataset_args(name, {...})``). Files are looked for in ``<root>/<name>/`` with root
+``data_dir``, else ``$SPARSETRAIN_DATA``, else ``~/.cache/sparsetrain``. One module per concern:
+``files`` (fetch, checksum, cache, archives), ``args``, ``views``, ``transforms``, ``loaders``; one
+per format family (``idx``, ``cifar``, ``tiny_imagenet``, ``synthetic``).
 See docs/data.md.
 """
 

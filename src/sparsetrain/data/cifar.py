@@ -108,7 +108,9 @@ def read_batch(path: str | Path) -> dict[str, Any]:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def batch_arrays(batch: dict[str, Any], label_key: str, num_classes: int, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_arrays(
+    batch: dict[str, Any], label_key: str, num_classes: int, path: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of one batch read by :func:`read_batch`,
     checked: the keys present, 3072 values per image, as many labels as images, labels in range."""
     for key in ("data", label_key):
@@ -137,7 +139,8 @@ def load_cifar(name: str, data_dir: str | Path | None, download: bool, label_key
     folder = ensure_extracted(name, archive, contents, data_dir, download)
     splits = []
     for files in (train_files, test_files):
-        parts = [batch_arrays(read_batch(folder / inner / f), label_key, num_classes, folder / inner / f) for f in files]
+        paths = [folder / inner / f for f in files]
+        parts = [batch_arrays(read_batch(path), label_key, num_classes, path) for path in paths]
         splits.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
     (train_x, train_y), (test_x, test_y) = splits
     return RawData(train_x, train_y, test_x, test_y, num_classes, keep_uint8=True)
@@ -153,4 +156,5 @@ def cifar10(data_dir: str | Path | None = None, download: bool = True, args: Cif
 def cifar100(data_dir: str | Path | None = None, download: bool = True, args: Cifar100Args | None = None) -> RawData:
     """CIFAR-100 natural images: 50000 train / 10000 test uint8 (3, 32, 32), 100 classes (20 coarse)."""
     coarse = args is not None and args.labels == "coarse"
-    return load_cifar("cifar100", data_dir, download, "coarse_labels" if coarse else "fine_labels", 20 if coarse else 100)
+    label_key, num_classes = ("coarse_labels", 20) if coarse else ("fine_labels", 100)
+    return load_cifar("cifar100", data_dir, download, label_key, num_classes)
