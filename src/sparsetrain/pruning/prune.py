@@ -100,7 +100,10 @@ def prune_at_init(
     # The input axis matters to structure only (input_dims are checked either way).
     dims, notes = find_input_dims(model, named, input_dims) if layout is not None or input_dims else ({}, {})
     generator = torch.Generator().manual_seed(seed)
-    mask = {n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in named.items()}
+    # The first round keeps everything: a read-only broadcast of one True per tensor, so that
+    # scoring does not hold a byte per connection beside the gradients (LSTM-b: 0.5 MiB over the
+    # peak of a dense step; docs/results/bench_snip_table2.md). Later rounds get real masks.
+    mask = {n: torch.ones((), dtype=torch.bool, device=p.device).expand(p.shape) for n, p in named.items()}
     for k, step in enumerate(steps):
         ctx = ScoreContext(model, named, mask, batches, loss_fn, generator, k, rounds, step)
         with masked_weights(named, mask):
