@@ -140,6 +140,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return code, out + err
 
 
+@pytest.mark.slow  # about 6 s: validation and test passes over 16,000 real sequences
 def test_lstm_s_on_sequential_mnist_rows_end_to_end(mnist_root, capsys):
     code, out = run_cli(capsys, "run", "--model", "lstm-s", "--dataset", "mnist", "--data-arg", "view=rows",
                         "--iterations", "20", "--data-dir", mnist_root, "--no-progress")

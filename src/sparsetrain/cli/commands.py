@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from .. import experiments
 from ..data import dataset_spec, list_datasets
 from ..errors import SparsetrainError
@@ -156,7 +158,8 @@ def _with_args(head: str, args: list[str] | str) -> list[str]:
 
 
 def _model_line(name: str) -> list[str]:
-    count = sum(p.numel() for p in create_model(name).parameters())
+    with torch.device("meta"):  # shapes only: no memory and no initialisation, so listing stays quick
+        count = sum(p.numel() for p in create_model(name).parameters())
     return _with_args(f"{name:<18} {count:>11,} parameters  input {default_input_shape(name)}",
                       f"model_args: {describe_model_args(name)}" if describe_model_args(name) else "")
 
