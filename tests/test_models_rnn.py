@@ -159,3 +159,11 @@ def test_gru_s_on_pixelwise_sequences_end_to_end(capsys):
                         "--batch-size", "8", "--iterations", "2", "--no-progress")
     assert code == 0, out
     assert re.search(r"project\.weight\s+\d+\s+16\s", out)  # a 1 -> 16 projection: one pixel a step
+
+
+def test_an_image_view_is_refused_by_the_command_line_with_the_fix(capsys):
+    code, out = run_cli(capsys, "run", "--model", "lstm-s", "--dataset", "synthetic", "--iterations", "2",
+                        "--no-progress")
+    assert code == 2
+    assert "lstm-s takes sequences of shape (steps, features), got examples of shape (1, 28, 28)" in out
+    assert "view = 'rows'" in out and "Traceback" not in out
