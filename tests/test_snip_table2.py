@@ -122,3 +122,17 @@ def test_rnn_rows_run_on_real_mnist_and_cifar_rows_without_data_are_reported(tmp
     runs = RunStore(tmp_path / "store").list()
     assert sorted(r.config["name"] for r in runs) == ["snip-table2-lstm-s-95", "snip-table2-lstm-s-dense"]
     assert all(r.config["dataset"] == "mnist" for r in runs)
+
+
+def test_missing_and_damaged_data_are_told_apart(tmp_path, mnist_root):
+    """A data set that is absent is 'not on this machine'; one whose files are damaged is reported
+    with the loader's reason, so a user with a broken copy is not told to fetch what they have."""
+    configs = t2.configs_for(["alexnet-s", "lstm-s"], [0], None)
+    assert set(t2.missing_data(configs, mnist_root)) == {"cifar10"}  # MNIST is there, CIFAR-10 not
+    assert "cifar10 data not found" in t2.missing_data(configs, mnist_root)["cifar10"]
+    root = tmp_path / "data"
+    fake = write_cifar10(root, per_batch=10, n_test=10)
+    batch = fake.folder / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])  # truncated
+    why = t2.missing_data(t2.configs_for(["alexnet-s"], [0], None), root)["cifar10"]
+    assert "not found" not in why and "data_batch_3" in why

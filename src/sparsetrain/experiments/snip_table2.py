@@ -32,6 +32,7 @@ table.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -128,7 +129,7 @@ def missing_data(configs: list[RunConfig], data_dir=None) -> dict[str, str]:
         try:
             load_dataset(dataset, data_dir, download=False)
         except SparsetrainError as err:
-            missing[dataset] = str(err).splitlines()[0]
+            missing[dataset] = str(err).splitlines()[0].rstrip(".")
     return missing
 
 
@@ -158,6 +159,9 @@ def reproduce(options: ReproduceOptions, *, train_overrides: dict[str, Any] | No
     reasons += _overrides_reasons(train_overrides, full)
     check_out(options, reasons)  # before anything trains
     missing = missing_data(configs, options.data_dir)
+    for dataset, why in missing.items():
+        print(f"the {DATA_NAMES.get(dataset, dataset)} rows are not run (the table says so): {why}",
+              file=sys.stderr, flush=True)
     runnable = [c for c in configs if c.dataset not in missing]
     provenance = Provenance.now(options.command)
     started = time.time()
@@ -226,7 +230,8 @@ def write_table(rows, configs, records, missing: dict[str, str], out, seconds: f
                                  "paper_dense": row.paper_dense, "paper_snip": row.paper_snip}
         head = f"| {row.label} | {data_name} | {_short(params)} ({row.paper_params}) | {row.sparsity:.0%} | "
         if dataset in missing:
-            note = f"not run here ({data_name} not on this machine: {missing[dataset]})"
+            why = "not on this machine" if "not found" in missing[dataset] else "cannot be read"
+            note = f"not run here ({data_name} {why}: {missing[dataset]})"
             entry["not_run"] = missing[dataset]
             lines.append(head + f"{iterations[dense_recipe]:,} | {note} | - | {paper} | - |")
         else:
@@ -254,8 +259,8 @@ def write_table(rows, configs, records, missing: dict[str, str], out, seconds: f
     ]
     if not_run:
         lines += ["", f"Rows on {', '.join(not_run)} were not run: the data is not on this machine. With the "
-                      "data in `<data root>/cifar10/` (the official `cifar-10-batches-py` files), the same "
-                      "command runs them."]
+                      "data in `<data root>/cifar10/` (the official `cifar-10-python.tar.gz`, or the "
+                      "`cifar-10-batches-py` folder it holds), the same command runs them."]
     lines += ["", f"Wall time of this invocation {seconds / 60:.1f} min (runs already in the store are not "
                   "repeated)."]
     text = "\n".join(lines)
