@@ -31,7 +31,7 @@ def layer_rows(out: str) -> dict[str, tuple[int, int, float]]:
     """name -> (kept, total, sparsity %) from the per-layer table printed by run/train."""
     rows = {}
     for line in out.splitlines():
-        m = re.fullmatch(r"(\S+)\s+(\d+)\s+(\d+)\s+([\d.]+)%", line.strip())
+        m = re.fullmatch(r"(\S+)\s+(\d+)\s+(\d+)\s+([\d.]+)%(\s.*)?", line.strip())  # then FLOPs, effective
         if m:
             rows[m[1]] = (int(m[2]), int(m[3]), float(m[4]))
     return rows

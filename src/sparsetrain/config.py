@@ -117,7 +117,8 @@ class PruneConfig:
                               "gradients summed as spp-public)", flag="prune-batches",
                        check="non_negative_int")
     include_biases: bool = setting(False, "prune biases too (as snip-public)")
-    scope: str = setting("global", "where kappa is counted: over all prunable tensors, or per tensor",
+    scope: str = setting("global", "layer budget: global (top kappa over all tensors), layerwise (every "
+                                   "tensor at the same sparsity) or erk (Erdos-Renyi-Kernel, as RigL)",
                          registry="scope")
     reinit: str = setting("", "after pruning, train a fresh draw of this init scheme instead of the scored "
                               "weights (snip-public: variance-scaling-zero-bias); empty keeps the scored weights",
@@ -133,6 +134,9 @@ class PruneConfig:
     exclude: tuple[str, ...] = later((), "glob patterns of parameter names never pruned (e.g. 'pos*')")
     options: dict[str, Any] = later(default_factory=dict, help="the pruning method's own options "
                                     "(`sparsetrain list methods` shows them)", flag="option")
+    shuffle: bool = later(False, "sanity check (Frankle et al. 2021): permute the found mask within each "
+                                 "tensor (same per-layer counts, random positions, from the run's seed)",
+                          flag="shuffle-mask")
 
     def __post_init__(self):
         check_ranges(self)

@@ -30,6 +30,7 @@ import torch.nn as nn
 from .config import RunConfig
 from .errors import SparsetrainError
 from .fsio import atomic_write, write_error
+from .mask_stats import format_count
 from .masks import Mask, apply_mask_, load_mask
 from .pipeline import DENSE, build, init_under_mask
 from .run import default_store_root
@@ -219,12 +220,18 @@ def _layer_lines(table: dict[str, Any] | None) -> list[str]:
     if not table:
         return ["layers: no per-layer sparsity recorded (the run has not ended)"]
     width = max(len("layer"), *(len(n) for n in table))
-    lines = ["layers", f"  {'layer':<{width}}  {'shape':<14} {'kept':>10} {'total':>10} {'sparsity':>9}"]
+    lines = ["layers", f"  {'layer':<{width}}  {'shape':<14} {'kept':>10} {'total':>10} {'sparsity':>9} "
+                       f"{'flops':>8} {'kept':>8} {'effective':>9}"]
     for name, row in table.items():
+        if not isinstance(row, dict):  # the earliest records held the sparsity alone
+            row = {"sparsity": row} if isinstance(row, (int, float)) else {}
         shape = "x".join(str(d) for d in row.get("shape", [])) or "-"
         note = f"  dense: {row['left_out']}" if row.get("left_out") else ""
+        effective = row.get("effective_sparsity")  # absent from runs recorded before it was measured
         lines.append(f"  {name:<{width}}  {shape:<14} {row.get('kept', '-'):>10} {row.get('total', '-'):>10} "
-                     f"{100 * row.get('sparsity', 0.0):>8.2f}%{note}")
+                     f"{100 * row.get('sparsity', 0.0):>8.2f}% {format_count(row.get('flops')):>8} "
+                     f"{format_count(row.get('flops_kept')):>8} "
+                     f"{'-' if effective is None else f'{100 * effective:.2f}%':>9}{note}")
     return lines
 
 

@@ -29,10 +29,12 @@ from .config import RunConfig, TrainConfig
 from .data import DATASETS, Loaders, create_loaders, dataset_args
 from .errors import SparsetrainError
 from .init import INITS, initialize_
+from .mask_stats import layer_costs
 from .masks import GradientMask, Mask, apply_mask_, mask_summary
 from .models import MODELS, check_model_args, create_model
 from .pruning import METHODS, method_options, prune_at_init
 from .pruning.rounds import SCHEDULES as ROUND_SCHEDULES
+from .pruning.sanity import reinitialize, shuffle_layerwise
 from .pruning.select import SCOPES, check_sparsity
 from .pruning.structured import parse_structure, structured_sparsity
 from .threads import training_threads
@@ -93,6 +95,15 @@ def validate(config: RunConfig, training: bool = True) -> None:
         INITS.get(p.reinit)
     if p.scope not in SCOPES:
         raise SparsetrainError(f"unknown scope {p.scope!r}; choose one of {', '.join(SCOPES)}")
+    if p.shuffle and p.method == DENSE:
+        raise SparsetrainError("prune.shuffle permutes a mask, and method 'dense' makes none; choose a pruning "
+                               "method, or leave prune.shuffle off")
+    if p.shuffle and p.structure:
+        raise SparsetrainError(f"prune.shuffle permutes single entries, which would break structure "
+                               f"{p.structure!r}; shuffle an unstructured mask (structure '')")
+    if p.scope == "erk" and p.structure:
+        raise SparsetrainError(f"scope 'erk' budgets single entries; with structure {p.structure!r} choose "
+                               "scope 'global' or 'layerwise'")
     if p.round_schedule not in ROUND_SCHEDULES:
         raise SparsetrainError(f"unknown prune.round_schedule {p.round_schedule!r}; choose one of {', '.join(ROUND_SCHEDULES)}")
     if training:
@@ -157,7 +168,7 @@ def find_mask(config: RunConfig, built: Built) -> Mask | None:
     if p.method == DENSE:
         return None
     data_free = getattr(METHODS.get(p.method), "data_free", False)
-    return prune_at_init(
+    mask = prune_at_init(
         built.model,
         p.method,
         sparsity=p.sparsity,
@@ -171,6 +182,8 @@ def find_mask(config: RunConfig, built: Built) -> Mask | None:
         rounds=p.rounds,
         schedule=p.round_schedule,
     )
+    # Frankle et al.'s sanity check: the method's per-layer counts at random positions.
+    return shuffle_layerwise(mask, config.seed) if p.shuffle else mask
 
 
 # --- stage 3: initialise under the mask -----------------------------------------------------------
@@ -182,7 +195,7 @@ def init_under_mask(config: RunConfig, built: Built, mask: Mask | None) -> tuple
     (``train.execution = "sparse"``; the other masked parameters keep a GradientMask)."""
     model = built.model
     if config.prune.reinit:
-        initialize_(model, config.prune.reinit, config.seed + 1)  # snip-public's separate weights
+        reinitialize(model, config.prune.reinit, config.seed + 1)  # snip-public's separate weights
     if mask is None:
         return model, []
     mask = {n: m.to(built.device) for n, m in mask.items()}
@@ -223,17 +236,26 @@ def overall(mask: Mask | None) -> float:
     return 1.0 - sum(int(m.sum()) for m in mask.values()) / total if total else 0.0
 
 
-def layer_table(mask: Mask | None, model: nn.Module) -> dict[str, dict[str, Any]]:
+def layer_table(mask: Mask | None, model: nn.Module,
+                input_shape: tuple[int, ...] | None = None) -> dict[str, dict[str, Any]]:
     """Per masked parameter: shape, kept, total, sparsity; then the parameters the mask left out
-    (dense), each with the reason in ``left_out``."""
+    (dense), each with the reason in ``left_out``. With ``input_shape`` (one example's), also
+    ``flops``, ``flops_kept`` and ``effective_sparsity`` per row (None where not defined; see
+    :mod:`sparsetrain.mask_stats`)."""
     params = dict(model.named_parameters())
     if mask is None:
-        return {n: {"shape": list(p.shape), "kept": p.numel(), "total": p.numel(), "sparsity": 0.0}
-                for n, p in params.items()}
-    table = {r.name: {"shape": list(r.shape), "kept": r.kept, "total": r.total, "sparsity": r.sparsity}
-             for r in mask_summary(mask)}
-    for name, why in (getattr(mask, "left_out", None) or {}).items():
-        if name not in table and name in params:
-            n = params[name].numel()
-            table[name] = {"shape": list(params[name].shape), "kept": n, "total": n, "sparsity": 0.0, "left_out": why}
+        table = {n: {"shape": list(p.shape), "kept": p.numel(), "total": p.numel(), "sparsity": 0.0}
+                 for n, p in params.items()}
+    else:
+        table = {r.name: {"shape": list(r.shape), "kept": r.kept, "total": r.total, "sparsity": r.sparsity}
+                 for r in mask_summary(mask)}
+        for name, why in (getattr(mask, "left_out", None) or {}).items():
+            if name not in table and name in params:
+                n = params[name].numel()
+                table[name] = {"shape": list(params[name].shape), "kept": n, "total": n, "sparsity": 0.0,
+                               "left_out": why}
+    if input_shape is not None:
+        costs = layer_costs(model, mask, input_shape)
+        for name, row in table.items():
+            row.update(costs.get(name, {"flops": None, "flops_kept": None, "effective_sparsity": None}))
     return table

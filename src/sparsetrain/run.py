@@ -199,7 +199,7 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
                   model=built.model)
     prune_seconds = time.perf_counter() - started
 
-    layers = layer_table(mask, built.model)
+    layers = layer_table(mask, built.model, built.loaders.input_shape)
     model, hooks = init_under_mask(config, built, mask)
     on_metrics = None
     if store is not None:

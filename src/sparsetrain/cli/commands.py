@@ -13,10 +13,11 @@ from .. import experiments
 from ..data import dataset_spec, list_datasets
 from ..errors import SparsetrainError
 from ..init import list_inits
+from ..mask_stats import format_layer_rows
 from ..masks import format_sparsity_table, load_mask, save_mask
 from ..options import describe_options
 from ..models import create_model, default_input_shape, describe_model_args, list_models
-from ..pipeline import DENSE, build, find_mask, validate
+from ..pipeline import DENSE, build, find_mask, layer_table, validate
 from ..pruning import list_methods, method_spec
 from ..recipes import list_recipes
 from ..run import default_store_root, run
@@ -39,10 +40,7 @@ def _print_outcome(outcome) -> None:
           f"{outcome.config.prune.method} at {r.get('sparsity', 0):.2%} sparsity")
     rows = [{"name": n, **v} for n, v in outcome.layer_sparsity.items() if "left_out" not in v]
     if rows:
-        width = max(len(x["name"]) for x in rows)
-        print(f"{'layer':<{width}}  {'kept':>9} {'total':>9} {'sparsity':>9}")
-        for x in rows:
-            print(f"{x['name']:<{width}}  {x['kept']:>9} {x['total']:>9} {x['sparsity']:>9.2%}")
+        print(format_layer_rows(rows))
     left_out = {n: v["left_out"] for n, v in outcome.layer_sparsity.items() if "left_out" in v}
     if left_out:
         print("left dense: " + "; ".join(f"{n} ({why})" for n, why in left_out.items()))
@@ -102,6 +100,9 @@ def _prune(args):
                                "config": json.dumps(config.to_dict())},
               model=built.model, method=config.prune.method, source=" ".join(["sparsetrain", *args.argv]))
     print(format_sparsity_table(mask))
+    costs = layer_table(mask, built.model, built.loaders.input_shape)
+    print("per example (FLOPs: multiply-accumulates; effective: left without a path from input to output):")
+    print(format_layer_rows([{"name": n, **v} for n, v in costs.items() if "left_out" not in v], counts=False))
     print(f"mask written to {args.out}")
 
 

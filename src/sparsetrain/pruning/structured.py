@@ -150,6 +150,9 @@ def _select_rows(scores, structure, sparsity, scope) -> dict[str, torch.Tensor]:
     sparsity = structured_sparsity(structure, sparsity)
     if scope not in SCOPES:
         raise SparsetrainError(f"unknown selection scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if scope == "erk":
+        raise SparsetrainError(f"scope 'erk' budgets single entries; with structure {structure} choose scope "
+                               "'global' or 'layerwise'")
     mask = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}  # dense by default
     matrices = {n: s for n, s in scores.items() if s.dim() >= 2}
     if isinstance(structure, NM):
