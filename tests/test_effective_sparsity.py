@@ -185,3 +185,31 @@ def test_old_records_without_the_new_keys_still_print():
     assert "96.00%" in _layer_lines({"fc1.weight": 0.96})[-1]  # the earliest records: the sparsity alone
     rows = format_layer_rows([{"name": "fc.weight", **old["fc.weight"]}]).splitlines()
     assert rows[1].split() == ["fc.weight", "6", "12", "50.00%", "-", "-", "-"]
+
+
+def test_prune_and_run_print_flops_and_effective_sparsity(capsys, tmp_path):
+    import re
+
+    from safetensors.torch import load_file
+
+    from sparsetrain.cli.main import main
+
+    tiny = ["--dataset", "synthetic", "--model", "mlp-tiny", "--no-progress", "--store", tmp_path / "store"]
+    out_file = tmp_path / "m.safetensors"
+    assert main([str(a) for a in ["prune", *tiny, "--sparsity", "0.995", "--out", out_file]]) == 0
+    out = capsys.readouterr().out
+    saved = load_file(str(out_file))
+    masks = [saved["1.weight"].bool().numpy(), saved["3.weight"].bool().numpy()]
+    expected = _oracle_mlp(masks)
+    for name, m, e in zip(("1.weight", "3.weight"), masks, expected):
+        row = re.search(rf"^{re.escape(name)}\s+(\S+)\s+(\S+)\s+([\d.]+)%$", out, re.M)
+        assert row, out
+        assert row[1] == {"1.weight": "25.1k", "3.weight": "320"}[name]  # 784 * 32 and 32 * 10 per example
+        assert float(row[3]) == pytest.approx(100 * (1 - e.sum() / e.size), abs=0.005)
+    # layerwise at 90%: kappa = round(25408 * 0.1) = 2541, budgets 2508.8 and 32.0 -> 2509 and 32
+    assert main([str(a) for a in ["run", *tiny, "--sparsity", "0.9", "--scope", "layerwise", "--iterations", "2",
+                                  "--val-every", "0", "--checkpoint-every", "0"]]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^layer\s+kept\s+total\s+sparsity\s+flops\s+kept\s+effective$", out, re.M)
+    assert re.search(r"^1\.weight\s+2509\s+25088\s+90\.00%\s+25\.1k\s+2\.5k\s+[\d.]+%$", out, re.M), out
+    assert re.search(r"^3\.weight\s+32\s+320\s+90\.00%\s+320\s+32\s+[\d.]+%$", out, re.M), out

@@ -101,7 +101,8 @@ def _prune(args):
               model=built.model, method=config.prune.method, source=" ".join(["sparsetrain", *args.argv]))
     print(format_sparsity_table(mask))
     costs = layer_table(mask, built.model, built.loaders.input_shape)
-    print("per example (FLOPs: multiply-accumulates; effective: left without a path from input to output):")
+    print("per example (flops: multiply-accumulates, dense and kept; effective: the sparsity counting kept "
+          "connections without a path from input to output as pruned):")
     print(format_layer_rows([{"name": n, **v} for n, v in costs.items() if "left_out" not in v], counts=False))
     print(f"mask written to {args.out}")
 
