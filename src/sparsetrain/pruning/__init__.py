@@ -18,6 +18,7 @@ selection (``structure="2:4"`` or ``"block32x32"``, :mod:`.structured`) and roun
 from __future__ import annotations
 
 from . import baselines, snip  # noqa: F401  (importing the methods registers them)
+from . import force, grasp, synflow  # noqa: F401  (GraSP, SynFlow, iterative SNIP, FORCE)
 from .axes import input_dims
 from .prune import as_batches, prune_at_init
 from .registry import (
