@@ -6,6 +6,7 @@ restored afterwards, and the result is a :class:`~sparsetrain.masks.Mask` to app
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -106,7 +107,8 @@ def prune_at_init(
     mask = {n: torch.ones((), dtype=torch.bool, device=p.device).expand(p.shape) for n, p in named.items()}
     for k, step in enumerate(steps):
         ctx = ScoreContext(model, named, mask, batches, loss_fn, generator, k, rounds, step)
-        with masked_weights(named, mask):
+        # the first round's mask keeps everything: nothing to zero (and no pass over it to find so)
+        with masked_weights(named, mask) if k > 0 else contextlib.nullcontext():
             scores = spec.scores(ctx, opts)
         scores = _checked_scores(method, scores, named)
         if k > 0:
