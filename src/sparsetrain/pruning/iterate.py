@@ -70,6 +70,6 @@ def run_rounds(ctx: ScoreContext, method: str, rounds: int, schedule: str, score
         if last:
             return scores
         new = select_top(scores, step)
-        settled = mask is not None and all(torch.equal(new[n], mask[n]) for n in new)
+        settled = revive and mask is not None and all(torch.equal(new[n], mask[n]) for n in new)
         mask, kept = new, kept_count(total, step)
     raise AssertionError("unreachable: round_sparsities returns at least one round")
