@@ -24,8 +24,8 @@ def test_registry_holds_the_paper_models_and_the_tiny_families():
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_other_input_shape_and_class_count(name):
-    # LeNet-5-Caffe's two 5x5 convolutions and two poolings need inputs of at least 16x16.
-    shape = (3, 32, 32) if name == "lenet-5-caffe" else (3, 8, 8)
+    # LeNet-5-Caffe's and simple-cnn's two 5x5 convolutions and two poolings need inputs of at least 16x16.
+    shape = (3, 32, 32) if name in ("lenet-5-caffe", "simple-cnn") else (3, 8, 8)
     if len(default_input_shape(name)) == 2:  # sequences: 8 steps of 6 features
         shape = (8, 6)
     model = create_model(name, input_shape=shape, num_classes=5)
