@@ -22,7 +22,8 @@ def test_counts_and_layers_follow_spp_publics_depth(depth):
     assert sum(p.numel() for p in model.parameters()) == expected_count(depth)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == depth  # spp-public: w1 .. w<depth>
-    assert [(fc.in_features, fc.out_features) for fc in linears] == [(784, 100)] + [(100, 100)] * (depth - 2) + [(100, 10)]
+    sizes = [(fc.in_features, fc.out_features) for fc in linears]
+    assert sizes == [(784, 100)] + [(100, 100)] * (depth - 2) + [(100, 10)]
     assert sum(p.numel() for p in create_model(f"mlp-{depth}", width=30).parameters()) == expected_count(depth, 30)
 
 
@@ -57,7 +58,8 @@ def test_the_activation_follows_every_layer_but_the_last(activation, kind, fn):
 
 
 def test_an_unknown_activation_or_size_is_refused():
-    with pytest.raises(SparsetrainError, match="model_args 'activation' of model 'mlp-7' must be one of 'linear', 'tanh', 'relu'"):
+    wrong = "model_args 'activation' of model 'mlp-7' must be one of 'linear', 'tanh', 'relu'"
+    with pytest.raises(SparsetrainError, match=wrong):
         create_model("mlp-7", activation="sigmoid")
     with pytest.raises(SparsetrainError, match="width >= 1"):
         create_model("mlp-3", width=0)
