@@ -122,6 +122,8 @@ def test_snip_scores_the_gates_and_masked_training_keeps_them_zero(name):
 
 
 def test_pixels_view_gives_784_steps_of_one_pixel(mnist_root):
+    # 784 steps of tiny operations: one thread (a second waits at each step when a core is busy)
+    torch.set_num_threads(1)  # conftest restores it
     loaders = create_loaders("mnist", batch_size=2, data_dir=mnist_root, download=False,
                              data_args={"view": "pixels"})
     assert loaders.input_shape == (784, 1)
@@ -153,10 +155,11 @@ def test_lstm_s_on_sequential_mnist_rows_end_to_end(mnist_root, capsys):
 
 def test_gru_s_on_pixelwise_sequences_end_to_end(capsys):
     # 784 steps per example make real MNIST's 16,000 evaluation examples too slow for a test; the
-    # synthetic data set runs the same path (view, model shape, SNIP, training, evaluation).
+    # synthetic data set runs the same path (view, model shape, SNIP, training, evaluation). One
+    # thread: 784 steps of tiny operations gain nothing from a second and lose much on a busy core.
     code, out = run_cli(capsys, "run", "--model", "gru-s", "--dataset", "synthetic", "--data-arg", "view=pixels",
                         "--data-arg", "n_train=40", "--data-arg", "n_test=8", "--model-arg", "hidden=16",
-                        "--batch-size", "8", "--iterations", "2", "--no-progress")
+                        "--batch-size", "8", "--iterations", "2", "--threads", "1", "--no-progress")
     assert code == 0, out
     assert re.search(r"project\.weight\s+\d+\s+16\s", out)  # a 1 -> 16 projection: one pixel a step
 
