@@ -68,7 +68,7 @@ def requested_threads() -> int | None:
 
 def step_flops(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> int:
     """Multiply-adds of one training step of ``model`` on a batch of ``batch_size`` examples of
-    ``input_shape``: the Linear and Conv2d layers' forward multiply-adds, times 3 (the backward
+    ``input_shape``: the Linear, Conv2d and recurrent (RNN/LSTM/GRU) layers' forward multiply-adds, times 3 (the backward
     computes the input and the weight gradients, each as many). Counted on a forward pass of two
     examples in inference mode (no gradients; the model is left as it was)."""
     macs = 0
@@ -80,8 +80,11 @@ def step_flops(model: nn.Module, input_shape: Sequence[int], batch_size: int) ->
         elif isinstance(module, nn.Conv2d):
             per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
             macs += output.numel() * per_output
+        elif isinstance(module, nn.RNNBase):
+            macs += _recurrent_macs(module, output[0] if isinstance(output, tuple) else output)
 
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = (nn.Linear, nn.Conv2d, nn.RNNBase)
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, layers)]
     was_training = model.training
     try:
         p = next(model.parameters(), None)
@@ -94,6 +97,23 @@ def step_flops(model: nn.Module, input_shape: Sequence[int], batch_size: int) ->
         for h in handles:
             h.remove()
     return 3 * macs * batch_size // 2
+
+
+def _recurrent_macs(module: nn.RNNBase, output: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass of an RNN/LSTM/GRU that produced ``output`` (a padded
+    tensor): per step and example, gates x (inputs + hidden) x hidden for each layer and direction
+    (4 gates for an LSTM, 3 for a GRU, 1 for a plain RNN)."""
+    if not isinstance(output, torch.Tensor) or output.dim() < 2:
+        return 0
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    directions = 2 if module.bidirectional else 1
+    steps_and_examples = output.numel() // output.shape[-1]  # (B, T) or (T, B), or T unbatched
+    hidden = module.hidden_size
+    per_step = 0
+    for layer in range(module.num_layers):
+        inputs = module.input_size if layer == 0 else hidden * directions
+        per_step += directions * gates * (inputs + hidden) * hidden
+    return steps_and_examples * per_step
 
 
 def idle_cores() -> float | None:
