@@ -15,14 +15,15 @@ for (never downloaded here): a row whose data is not on the machine is reported 
 recurrent rows and a user with CIFAR-10 in ``<data root>/cifar10/`` gets every row from the same
 command.
 
-The committed ``docs/results/snip_table2.md`` is produced by::
+``docs/results/snip_table2.md`` is produced by this command and by nothing shorter::
 
     sparsetrain reproduce snip-table2 --workers 2 --out docs/results/snip_table2.md
 
-(24 runs without CIFAR-10 on the machine, 72 with it; the recurrent runs alone take about a day of a
-2-core CPU: ``benchmarks/README.md`` has the per-run estimates.) A shortened reproduction
-(``--iterations`` below the recipes, fewer seeds or rows) is titled so and never replaces a full
-table.
+It has not been run yet: 24 runs without CIFAR-10 on the machine (72 with it), and the 24
+recurrent runs take about 31 hours of one core (0.6 h per LSTM-s or GRU-s run, 1.8-2.0 h per LSTM-b
+or GRU-b run; ``docs/results/bench_snip_table2.md``), about 15 hours with ``--workers 2`` on two
+idle cores. A shortened reproduction (``--iterations`` below the recipes, fewer seeds or rows) is
+titled so and never replaces a full table.
 
     >>> ROWS["lstm-s"].recipes
     ('snip-table2-lstm-s-dense', 'snip-table2-lstm-s-95')
