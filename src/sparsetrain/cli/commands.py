@@ -203,7 +203,7 @@ def _match(name, pattern):
 def _reproduce_flags(p):
     p.add_argument("experiment", choices=experiments.EXPERIMENTS.list(), help="which table to reproduce")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per row (default 0 1 2)")
-    p.add_argument("--rows", nargs="+", help="only these rows (recipe names)")
+    p.add_argument("--rows", nargs="+", help="only these rows: recipe names for snip-table1 and structured-cost, network names for snip-table2 (an unknown one is refused with the list)")
     p.add_argument("--workers", type=int, default=1, help="runs trained side by side (processes)")
     p.add_argument("--out", help="Markdown file for the table, JSON beside it (default <store>/results/<experiment>.md; "
                    "the committed tables: --out docs/results/<experiment>.md)")
