@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import sparsetrain  # noqa: E402
 from sparsetrain import GradientMask, apply_mask_, create_model, prune_at_init  # noqa: E402
 from sparsetrain.config import RunConfig  # noqa: E402
-from sparsetrain.measure import Provenance, TrainStep, measure_memory, time_interleaved, write_report  # noqa: E402
+from sparsetrain.measure import Provenance, TrainStep, measure_memory, publish_report, time_interleaved  # noqa: E402
 from sparsetrain.recipes import recipe_path  # noqa: E402
 
 TARGETS = {"a": 1.1, "b": 1.0}
@@ -242,11 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step times of {name} ...", file=sys.stderr, flush=True)
         recurrent.append(bench_recurrent(name, args))
     text = report(pruning, recurrent, args)
-    print(text + "\n" + provenance.markdown())
-    if args.out not in ("", "-"):
-        md, js = write_report(args.out, text, {"pruning": pruning, "recurrent": recurrent, "args": vars(args)},
-                              provenance=provenance)
-        print(f"written to {md} and {js}", file=sys.stderr)
+    publish_report(args.out, text, {"pruning": pruning, "recurrent": recurrent, "args": vars(args)},
+                   provenance=provenance)
     return 0
 
 

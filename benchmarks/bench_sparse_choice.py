@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import sparsetrain as st
-from sparsetrain.measure import Provenance, time_interleaved, write_report
+from sparsetrain.measure import Provenance, publish_report, time_interleaved
 from sparsetrain.sparse import clear_choice_cache, sparse_report
 
 
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Never slower: the smallest speed-up of each case: " + "; ".join(
         f"{case} {min(r['speedup'] for r in runs):.2f}x" for case, runs in cases.items()) + "."]
     text = "\n".join(lines)
-    print(text)
-    if args.out != "-":
-        md, js = write_report(args.out, text, {"cases": cases, "args": vars(args)}, provenance=provenance)
-        print(f"written to {md} and {js}", file=sys.stderr)
+    publish_report(args.out, text, {"cases": cases, "args": vars(args)}, provenance=provenance)
     return 0
 
 

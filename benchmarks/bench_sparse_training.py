@@ -34,7 +34,7 @@ import torch.nn as nn
 
 import sparsetrain
 from sparsetrain import apply_mask_, prune_at_init
-from sparsetrain.measure import LR, MOMENTUM, WEIGHT_DECAY, Provenance, Timings, time_interleaved, write_report
+from sparsetrain.measure import LR, MOMENTUM, WEIGHT_DECAY, Provenance, Timings, publish_report, time_interleaved
 from sparsetrain.sparse.bench import bench_training_step
 from sparsetrain.sparse.training import SparseTrainLinear, _csr
 
@@ -185,11 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print("benchmarking one layer ...", file=sys.stderr, flush=True)
     layer = bench_layer(args)
     text = report(step, layer, args)
-    print(text + "\n" + provenance.markdown())
-    if args.out not in ("", "-"):
-        md, js = write_report(args.out, text, {"step": step, "layer": layer, "args": vars(args)},
-                              provenance=provenance)
-        print(f"written to {md} and {js}", file=sys.stderr)
+    publish_report(args.out, text, {"step": step, "layer": layer, "args": vars(args)}, provenance=provenance)
     return 0
 
 

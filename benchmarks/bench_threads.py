@@ -24,7 +24,7 @@ import time
 import torch
 
 import sparsetrain as st
-from sparsetrain.measure import Provenance, TrainStep, load_average, time_interleaved, write_report
+from sparsetrain.measure import Provenance, TrainStep, load_average, publish_report, time_interleaved
 from sparsetrain.threads import DEFAULT_THREADS, SMALL_STEP_FLOPS, choose_threads, idle_cores, step_flops
 
 
@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['mean_many_over_one']:.2f} | {r['spread']['1 thread']:.2f} / {r['spread'][many]:.2f} | {r['rule']} |"
             )
     text = "\n".join(lines)
-    print(text)
-    if args.out != "-":
-        md, js = write_report(args.out, text, {"results": results, "args": vars(args)}, provenance=provenance)
-        print(f"written to {md} and {js}", file=sys.stderr)
+    publish_report(args.out, text, {"results": results, "args": vars(args)}, provenance=provenance)
     return 0
 
 

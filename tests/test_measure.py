@@ -99,3 +99,16 @@ def test_write_report_atomic_with_provenance(tmp_path):
     assert md.read_text() == "# Again\n" and json.loads(js.read_text()) == {"y": 1}
     with pytest.raises(ValueError, match=".md"):
         write_report(tmp_path / "r.json", "x", {}, provenance=None)
+
+
+def test_publish_report_prints_and_writes_only_where_told(tmp_path, capsys):
+    from sparsetrain.measure import Provenance, publish_report
+
+    prov = Provenance.now(["python", "bench.py"])
+    publish_report("-", "| a |\n|---|\n| 1 |", {"a": 1}, provenance=prov)
+    out = capsys.readouterr()
+    assert out.out.startswith("| a |") and "Command: `python bench.py`" in out.out and out.err == ""
+    assert list(tmp_path.iterdir()) == []
+    publish_report(tmp_path / "r.md", "| a |\n|---|\n| 1 |", {"a": 1}, provenance=prov)
+    assert "written to" in capsys.readouterr().err
+    assert (tmp_path / "r.md").read_text().startswith("| a |") and (tmp_path / "r.json").exists()

@@ -8,7 +8,7 @@ choice and the experiments. See docs/measurement.md.
 """
 
 from .memory import measure_memory
-from .report import Provenance, load_average, write_report
+from .report import Provenance, load_average, publish_report, write_report
 from .steps import LR, MOMENTUM, WEIGHT_DECAY, TrainStep
 from .timing import Op, Timings, capture_cuda_graph, cuda_sync, ratio, time_interleaved
 
@@ -26,5 +26,6 @@ __all__ = [
     "measure_memory",
     "ratio",
     "time_interleaved",
+    "publish_report",
     "write_report",
 ]

@@ -35,7 +35,7 @@ import torch
 from ..fsio import atomic_write_many
 from ..machine import cpu_model, machine_description
 
-__all__ = ["Provenance", "load_average", "write_report"]
+__all__ = ["Provenance", "load_average", "publish_report", "write_report"]
 
 
 def load_average() -> tuple[float, float, float] | None:
@@ -88,6 +88,16 @@ class Provenance:
             f"Machine: {self.machine}; {self.threads} torch thread{'s' if self.threads != 1 else ''}  ",
             f"Date: {self.date}; load average (1, 5, 15 min) at start: {load}",
         ])
+
+
+def publish_report(out: str | Path | None, markdown: str, data: dict, *, provenance: Provenance) -> None:
+    """What a benchmark does with its result: print ``markdown`` and the provenance footer to
+    stdout, and, unless ``out`` is None, ``""`` or ``"-"``, write both files with
+    :func:`write_report` and say where on stderr."""
+    print(markdown + "\n\n" + provenance.markdown())
+    if out not in (None, "", "-"):
+        md, js = write_report(out, markdown, data, provenance=provenance)
+        print(f"written to {md} and {js}", file=sys.stderr)
 
 
 def write_report(path: str | Path, markdown: str, data: dict, *, provenance: Provenance | None) -> tuple[Path, Path]:
