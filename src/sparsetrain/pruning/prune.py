@@ -106,7 +106,7 @@ def prune_at_init(
     # peak of a dense step; docs/results/bench_snip_table2.md). Later rounds get real masks.
     mask = {n: torch.ones((), dtype=torch.bool, device=p.device).expand(p.shape) for n, p in named.items()}
     for k, step in enumerate(steps):
-        ctx = ScoreContext(model, named, mask, batches, loss_fn, generator, k, rounds, step)
+        ctx = ScoreContext(model, named, mask, batches, loss_fn, generator, k, rounds, step, scope, layout, dims)
         # the first round's mask keeps everything: nothing to zero (and no pass over it to find so)
         with masked_weights(named, mask) if k > 0 else contextlib.nullcontext():
             scores = spec.scores(ctx, opts)

@@ -45,7 +45,10 @@ class ScoreContext:
     iterated once per round. ``loss_fn``: None means the default (cross-entropy for
     ``(inputs, targets)``, the model's own loss for dict batches).
     ``generator``: seeded once per ``prune_at_init`` call. ``round``: 0 .. ``rounds`` - 1.
-    ``sparsity``: the sparsity this round selects at."""
+    ``sparsity``: the sparsity this round selects at. ``scope``, ``structure`` and
+    ``input_dims``: how the caller selects (its layer budget, its parsed structure or None, the
+    input axis of each weight for the structure), so that a method that runs rounds of its own
+    (:mod:`.iterate`) selects every round with the caller's budgets, not only the last."""
 
     model: nn.Module
     params: dict[str, nn.Parameter]
@@ -56,6 +59,9 @@ class ScoreContext:
     round: int = 0
     rounds: int = 1
     sparsity: float = 0.0
+    scope: str = "global"
+    structure: Any = None
+    input_dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 ScoreFn = Callable[[ScoreContext, Any], dict[str, torch.Tensor]]
