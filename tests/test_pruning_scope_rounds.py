@@ -1,6 +1,7 @@
 """The self-iterating methods (SynFlow, iterative SNIP, FORCE) select every round with the caller's
 scope: with ``scope="layerwise"`` each round keeps each layer's budget at that round's sparsity,
-and (without revival) no pruned entry comes back; the global masks are what they were before the
+and (without revival) no pruned entry comes back; a block structure holds in every round, not only
+the last; the global masks are what they were before the
 scope reached the rounds (pinned below from the code before that change)."""
 
 from __future__ import annotations
@@ -100,3 +101,19 @@ def test_no_pruned_entry_comes_back_with_layer_budgets(monkeypatch, method, scop
     kept_before = seen[-1]  # the mask the last round scored under
     for name, keep in final.items():
         assert not bool((keep & ~kept_before[name]).any()), (scope, name)
+
+
+@pytest.mark.parametrize("method", ["synflow", "iter-snip"])
+def test_block_structure_holds_in_every_round(monkeypatch, method):
+    seen = _record_rounds(monkeypatch, method)
+    batches = None if method == "synflow" else _data()
+    final = prune_at_init(_tiny(), method, sparsity=SPARSITY, batches=batches, scope="layerwise",
+                          structure="block2x2", options={"rounds": ROUNDS})
+    rounds = seen[1:] + [dict(final)]
+    for mask in rounds:
+        for name, keep in mask.items():
+            tiles = keep.reshape(keep.shape[0] // 2, 2, keep.shape[1] // 2, 2).sum(dim=(1, 3))
+            assert bool(((tiles == 0) | (tiles == 4)).all()), name  # every 2x2 tile kept whole or pruned whole
+    for before, after in zip(rounds, rounds[1:]):
+        for name in before:
+            assert not bool((after[name] & ~before[name]).any()), name
