@@ -36,7 +36,7 @@ def test_the_default_table_goes_under_the_store_not_into_the_repository(capsys, 
 
 
 @pytest.mark.parametrize("shortening, reason", [
-    (["--iterations", "300"], "--iterations 300 (the recipes: 30,000, 60,000)"),
+    (["--iterations", "300"], "--iterations 300 (the recipes: 30,000, 60,000; schedules compressed to match)"),
     (["--seeds", "0"], "seeds 0 (full: 0 1 2)"),
     (["--rows", "snip-table1-lenet300-95"], "rows snip-table1-lenet300-95 (full: 6 rows)"),
 ])
@@ -93,7 +93,31 @@ def test_shortened_reasons_by_hand():
     assert common.shortened_reasons(seeds=(0, 1, 2, 3), rows=["a", "b", "c"], default_rows=["a", "b"],
                                     iterations=200, recipe_iterations=[100, 200]) == []  # longer is not shorter
     assert common.shortened_reasons(seeds=(0, 1, 2), rows=["a"], default_rows=["a"], iterations=150,
-                                    recipe_iterations=[100, 200]) == ["--iterations 150 (the recipes: 100, 200)"]
+                                    recipe_iterations=[100, 200]) == [
+        "--iterations 150 (the recipes: 100, 200; schedules compressed to match)"]
+
+
+def test_shorten_compresses_a_step_schedule():
+    """A shortened run decays at the same fractions of its length: the Table 1 MNIST recipe
+    (60,000 iterations, x0.1 every 25,000) at 3,000 iterations decays every 1,250, so its
+    learning rate is 0.1, 0.01 and 0.001 over the same thirds-and-a-bit as the full run's."""
+    from sparsetrain.config import RunConfig
+    from sparsetrain.errors import SparsetrainError
+    from sparsetrain.recipes import recipe_path
+
+    full = RunConfig.from_toml(recipe_path("snip-table2-gru-s-dense"))
+    assert (full.train.iterations, full.train.decay_every) == (60_000, 25_000)
+    short = common.shorten(full, 3000)
+    assert (short.train.iterations, short.train.decay_every) == (3000, 1250)
+    assert short.train.checkpoint_every == 3000  # the recipe's 5,000 is longer than the run
+    assert short.train.val_every == 1000 and short.train.lr == full.train.lr
+    tiny = common.shorten(full, 7)
+    assert (tiny.train.decay_every, tiny.train.val_every, tiny.train.test_every) == (3, 7, 7)
+    assert common.shorten(full, None) is full
+    cosine = full.replace(train={"schedule": "cosine"})
+    assert common.shorten(cosine, 3000).train.decay_every == cosine.train.decay_every  # relative already
+    with pytest.raises(SparsetrainError, match="at least 1"):
+        common.shorten(full, 0)
 
 
 def test_holds_full_table(tmp_path):

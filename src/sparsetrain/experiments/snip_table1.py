@@ -17,7 +17,8 @@ from ..config import RunConfig
 from ..errors import SparsetrainError
 from ..measure import Provenance, write_report
 from ..recipes import recipe_path
-from .common import EXPERIMENTS, ReproduceOptions, check_out, mean_std, run_rows, shortened_reasons, titled
+from .common import (EXPERIMENTS, ReproduceOptions, check_out, mean_std, run_rows, shorten, shortened_reasons,
+                     titled)
 
 GROUP = ("experiment", "snip-table1")
 
@@ -36,13 +37,9 @@ def configs_for(rows: list[str], seeds: list[int], iterations: int | None) -> li
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SparsetrainError(f"unknown row(s) {unknown}; rows: {', '.join(ROWS)}")
-    if iterations is not None and iterations < 1:
-        raise SparsetrainError(f"--iterations must be at least 1, got {iterations}")
     out = []
     for row in rows:
-        base = RunConfig.from_toml(recipe_path(row))
-        if iterations:
-            base = base.replace(train={"iterations": iterations})
+        base = shorten(RunConfig.from_toml(recipe_path(row)), iterations)
         out.extend(base.replace(seed=s, name=row) for s in seeds)
     # the long LeNet-5 runs first, so that the workers finish together
     return sorted(out, key=lambda c: c.model != "lenet-5-caffe")

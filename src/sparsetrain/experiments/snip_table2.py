@@ -42,7 +42,8 @@ from ..config import RunConfig
 from ..errors import SparsetrainError
 from ..measure import Provenance, write_report
 from ..recipes import recipe_path
-from .common import EXPERIMENTS, ReproduceOptions, check_out, mean_std, run_rows, shortened_reasons, titled
+from .common import (EXPERIMENTS, ReproduceOptions, check_out, mean_std, run_rows, shorten, shortened_reasons,
+                     titled)
 
 GROUP = ("experiment", "snip-table2")
 
@@ -106,15 +107,12 @@ def configs_for(rows: list[str], seeds: list[int], iterations: int | None,
                 train_overrides: dict[str, Any] | None = None) -> list[RunConfig]:
     """The run configs of ``rows`` (both recipes of each) for ``seeds``; ``iterations`` and
     ``train_overrides`` (``[train]`` settings) replace the recipes' values."""
-    if iterations is not None and iterations < 1:
-        raise SparsetrainError(f"--iterations must be at least 1, got {iterations}")
     out = []
     for row in select_rows(rows):
         for recipe in ROWS[row].recipes:
-            base = RunConfig.from_toml(recipe_path(recipe))
-            changes = dict(train_overrides or {}) | ({"iterations": iterations} if iterations else {})
-            if changes:
-                base = base.replace(train=changes)
+            base = shorten(RunConfig.from_toml(recipe_path(recipe)), iterations)
+            if train_overrides:
+                base = base.replace(train=dict(train_overrides))
             out.extend(base.replace(seed=s, name=recipe) for s in seeds)
     return out
 
