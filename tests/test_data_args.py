@@ -42,14 +42,14 @@ def test_every_dataset_declares_frozen_documented_args(name):
     assert spec.summary
 
 
-def test_mnist_takes_view_and_nothing_else():
+def test_mnist_takes_view_and_random_labels_and_nothing_else():
     for name in ("mnist", "fashion-mnist"):
-        assert [f.name for f in dataclasses.fields(dataset_spec(name).args)] == ["view"]
+        assert [f.name for f in dataclasses.fields(dataset_spec(name).args)] == ["view", "random_labels"]
 
 
 def test_synthetic_args_defaults_reproduce_todays_data():
     assert dataset_args("synthetic") == SyntheticArgs(
-        view="image", n_train=600, n_test=200, shape=(1, 28, 28), num_classes=10, seed=0
+        view="image", random_labels=False, n_train=600, n_test=200, shape=(1, 28, 28), num_classes=10, seed=0
     )
     raw, today = load_dataset("synthetic"), make_synthetic(600, 200)
     assert torch.equal(raw.train_x, today.train_x) and torch.equal(raw.test_y, today.test_y)
@@ -78,7 +78,7 @@ def test_describe_args_for_help_texts():
     assert rows["n_train"].startswith("n_train (an int) = 600")
     assert rows["shape"].startswith("shape (a list of ints) = (1, 28, 28)")
     assert "prototypes" in rows["seed"]
-    assert [line.split(" ")[0] for line in describe_options(AugmentedImageArgs)] == ["view", "random_crop", "flip"]
+    assert [line.split(" ")[0] for line in describe_options(AugmentedImageArgs)] == ["view", "random_labels", "random_crop", "flip"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,62 @@ def to_device(batch: Any, device: torch.device | str, non_blocking: bool = False
     return batch
 
 
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 else batch
+    if isinstance(batch, Mapping):
+        return {k: _slice(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice(v, start, stop) for v in batch)
+    return batch
+
+
+def _cat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() > 0 else first
+    if isinstance(first, Mapping):
+        return {k: _cat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
+    return first
+
+
+def rebatch(batches: Any, size: int, count: int) -> Any:
+    """``count`` batches of exactly ``size`` examples, cut in order from the examples of
+    ``batches`` (an iterable of batches of any size, in either form): what lets the pruning batch
+    differ from the training batch (the SNIP paper scores batches of 1 to 10,000 examples) while
+    drawing the same examples in the same order. Raises :class:`SparsetrainError` when
+    ``batches`` runs out first.
+
+        >>> x = torch.arange(10.0).reshape(5, 2)
+        >>> [tuple(b[1].tolist()) for b in rebatch([(x, torch.arange(5))] * 2, 3, 3)]
+        [(0, 1, 2), (3, 4, 0), (1, 2, 3)]
+    """
+    if size < 1 or count < 1:
+        raise SparsetrainError(f"rebatch needs size and count >= 1, got size {size}, count {count}")
+    pending: list[Any] = []
+    held = 0
+    made = 0
+    source = iter(batches)
+    while made < count:
+        while held < size:
+            try:
+                part = next(source)
+            except StopIteration:
+                raise SparsetrainError(
+                    f"the data gave {made * size + held} examples, fewer than the {count} batches of {size} "
+                    "asked for: lower the pruning batch size or the number of pruning batches"
+                ) from None
+            pending.append(part)
+            held += batch_size_of(part)
+        joined = _cat(pending) if len(pending) > 1 else pending[0]
+        yield _slice(joined, 0, size)
+        made += 1
+        held -= size
+        pending = [_slice(joined, size, size + held)] if held else []
+
+
 def _field(outputs: Any, key: str) -> Any:
     value = getattr(outputs, key, None)
     if value is None and isinstance(outputs, Mapping):

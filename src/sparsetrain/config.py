@@ -134,6 +134,8 @@ class PruneConfig:
     exclude: tuple[str, ...] = later((), "glob patterns of parameter names never pruned (e.g. 'pos*')")
     options: dict[str, Any] = later(default_factory=dict, help="the pruning method's own options "
                                     "(`sparsetrain list methods` shows them)", flag="option")
+    batch_size: int = later(0, "examples in each pruning mini-batch (0: train.batch_size; the SNIP paper "
+                               "scores batches of 1 to 10,000)", flag="prune-batch-size", check="non_negative_int")
     shuffle: bool = later(False, "sanity check (Frankle et al. 2021): permute the found mask within each "
                                  "tensor (same per-layer counts, random positions, from the run's seed)",
                           flag="shuffle-mask")

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .batches import rebatch
 from .config import RunConfig, TrainConfig
 from .data import DATASETS, Loaders, create_loaders, dataset_args
 from .errors import SparsetrainError
@@ -154,11 +155,24 @@ def build(config: RunConfig, *, data_dir: str | Path | None = None, device: str 
 
 # --- stage 2: find the mask ------------------------------------------------------------------------
 
-def pruning_batches(loaders: Loaders, count: int):
-    """The first ``count`` training batches, or one whole epoch of the training split for 0."""
+def pruning_batches(loaders: Loaders, count: int, batch_size: int = 0):
+    """The first ``count`` pruning batches, or one whole epoch of the training split for 0.
+    ``batch_size`` examples each (0: the training batch size), cut in order from the training
+    stream's first epoch, so a pruning batch of 10 is the first 10 examples of the first
+    training batch."""
     stream = loaders.train.iter_from(0)
-    n = loaders.train.steps_per_epoch if count == 0 else count
-    return (next(stream) for _ in range(n))
+    size = batch_size or loaders.train.batch_size
+    if size == loaders.train.batch_size:
+        n = loaders.train.steps_per_epoch if count == 0 else count
+        return (next(stream) for _ in range(n))
+    examples = loaders.train.steps_per_epoch * loaders.train.batch_size
+    n = examples // size if count == 0 else count
+    if n < 1 or n * size > examples:
+        raise SparsetrainError(
+            f"{n or 1} pruning batch(es) of {size} examples need {(n or 1) * size:,} training examples, and "
+            f"an epoch of the training split has {examples:,}: lower prune.batch_size or prune.batches"
+        )
+    return rebatch((next(stream) for _ in range(loaders.train.steps_per_epoch)), size, n)
 
 
 def find_mask(config: RunConfig, built: Built) -> Mask | None:
@@ -172,7 +186,7 @@ def find_mask(config: RunConfig, built: Built) -> Mask | None:
         built.model,
         p.method,
         sparsity=p.sparsity,
-        batches=None if data_free else pruning_batches(built.loaders, p.batches),
+        batches=None if data_free else pruning_batches(built.loaders, p.batches, p.batch_size),
         include_biases=p.include_biases,
         exclude=list(p.exclude) or None,
         scope=p.scope,

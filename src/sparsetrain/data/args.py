@@ -15,7 +15,7 @@ line hold plain values (TOML/JSON: a list where the dataclass has a tuple), and
 Shared bases, so that data sets of one kind take the same arguments:
 
 - :class:`ImageArgs`: ``view``, how examples are presented (``"image"``, ``"rows"``, ``"pixels"``;
-  see :mod:`sparsetrain.data.views`).
+  see :mod:`sparsetrain.data.views`), and ``random_labels`` (the memorization test).
 - :class:`AugmentedImageArgs`: adds the train-time transforms ``random_crop`` and ``flip`` (see
   :mod:`sparsetrain.data.transforms`), for natural-image data sets.
 """
@@ -42,6 +42,12 @@ class ImageArgs:
         default="image",
         metadata={"help": "how examples are presented: image (C, H, W); rows (H steps of C*W features); "
                           "pixels (H*W steps of C features)"},
+    )
+    random_labels: bool = field(
+        default=False,
+        metadata={"help": "replace every training and validation label by a random class (uniform, fixed per "
+                          "example by the split seed; test labels stay true): the memorization test of Zhang "
+                          "et al. 2017, as in the SNIP paper's section 5.3"},
     )
 
 

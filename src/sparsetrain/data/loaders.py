@@ -202,7 +202,9 @@ def create_loaders(
         train_x, test_x, mean, std = preprocess(raw)
         standardise = None
         stored_view, as_input = (lambda x: apply_view(view, x)), None
-    (tr_x, tr_y), val = split_train_val(train_x, raw.train_y, val_fraction, split_seed)
+    train_y = random_labels(raw.train_y, raw.num_classes, split_seed) if getattr(args, "random_labels", False) \
+        else raw.train_y
+    (tr_x, tr_y), val = split_train_val(train_x, train_y, val_fraction, split_seed)
     input_shape = tuple(apply_view(view, train_x[:1]).shape[1:])  # also refuses a view the data cannot take
     augment = train_transform(args, *_per_channel(mean, std))
     if augment is None:
@@ -227,6 +229,14 @@ def create_loaders(
         std=std,
         args=args,
     )
+
+
+def random_labels(labels: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """Labels of the same shape and dtype drawn uniformly from ``num_classes`` classes, the same
+    for the same ``seed`` (Zhang et al. 2017's random labels: nothing about an example predicts
+    its label, so a network can only fit them by memorising)."""
+    generator = torch.Generator().manual_seed(seed + 7919)  # apart from the split's own draw
+    return torch.randint(num_classes, labels.shape, generator=generator).to(labels.dtype)
 
 
 def preprocess(raw: RawData) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
