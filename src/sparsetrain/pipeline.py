@@ -34,6 +34,7 @@ from .mask_stats import layer_costs
 from .masks import GradientMask, Mask, apply_mask_, mask_summary
 from .models import MODELS, check_model_args, create_model
 from .pruning import METHODS, method_options, prune_at_init
+from .pruning.after_training import AFTER_TRAINING, after_training_options, after_training_sparsities
 from .pruning.rounds import SCHEDULES as ROUND_SCHEDULES
 from .pruning.sanity import reinitialize, shuffle_layerwise
 from .pruning.select import SCOPES, check_sparsity
@@ -51,7 +52,7 @@ CHOICES: dict[str, Callable[[], list[str]]] = {
     "model": MODELS.list,
     "dataset": DATASETS.list,
     "init": INITS.list,
-    "method": lambda: METHODS.list() + [DENSE],
+    "method": lambda: METHODS.list() + list(AFTER_TRAINING) + [DENSE],
     "optimizer": OPTIMIZERS.list,
     "schedule": SCHEDULES.list,
     "scope": lambda: list(SCOPES),
@@ -82,7 +83,9 @@ def validate(config: RunConfig, training: bool = True) -> None:
     check_model_args(config.model, config.model_args)
     dataset_args(config.dataset, config.data_args)
     p, t = config.prune, config.train
-    if p.method != DENSE:
+    if p.method in AFTER_TRAINING:
+        validate_after_training(config)
+    elif p.method != DENSE:
         METHODS.get(p.method)
         method_options(p.method, p.options)
         structure = parse_structure(p.structure)
@@ -109,6 +112,25 @@ def validate(config: RunConfig, training: bool = True) -> None:
         raise SparsetrainError(f"unknown prune.round_schedule {p.round_schedule!r}; choose one of {', '.join(ROUND_SCHEDULES)}")
     if training:
         validate_training(t)
+
+
+def validate_after_training(config: RunConfig) -> None:
+    """What lwc and lottery (pruning after training, :mod:`sparsetrain.posttrain`) need beyond the
+    other methods: their options, rounds that reach the sparsity, a rewind point inside the dense
+    run, and no settings that only mean something at initialization."""
+    p, t = config.prune, config.train
+    options = after_training_options(p.method, p.options)
+    after_training_sparsities(p.method, p.sparsity, options, p.rounds, p.round_schedule)
+    for name, value, why in (("structure", p.structure, "they select single weights by magnitude"),
+                             ("shuffle", p.shuffle, "the sanity checks permute masks found at initialization")):
+        if value:
+            raise SparsetrainError(f"prune.{name} does not apply to method {p.method!r} ({why}); leave it unset")
+    rewind = getattr(options, "rewind", 0)
+    if rewind and t.iterations and rewind > t.iterations:
+        raise SparsetrainError(
+            f"option 'rewind' of pruning method 'lottery' ({rewind}) is past the end of the dense run "
+            f"({t.iterations} iterations): choose an iteration from 0 to {t.iterations}"
+        )
 
 
 def validate_training(t: TrainConfig) -> None:
@@ -181,6 +203,11 @@ def find_mask(config: RunConfig, built: Built) -> Mask | None:
     p = config.prune
     if p.method == DENSE:
         return None
+    if p.method in AFTER_TRAINING:
+        raise SparsetrainError(
+            f"method {p.method!r} prunes a trained network, so there is no mask to find at initialization: "
+            f"train it with `sparsetrain run --method {p.method}` (sparsetrain.run), whose runs keep their masks"
+        )
     data_free = getattr(METHODS.get(p.method), "data_free", False)
     mask = prune_at_init(
         built.model,

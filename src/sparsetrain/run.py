@@ -34,9 +34,10 @@ from .config import RunConfig
 from .errors import SparsetrainError
 from .masks import Mask, load_mask, save_mask
 from .pipeline import (  # noqa: F401  (DENSE, EXECUTIONS, validate, layer_table: part of this module's API)
-    DENSE, EXECUTIONS, build, find_mask, init_under_mask, layer_table, overall, pruning_batches, resolve_device,
-    train_stage, validate,
+    AFTER_TRAINING, DENSE, EXECUTIONS, build, find_mask, init_under_mask, layer_table, overall, pruning_batches,
+    resolve_device, train_stage, validate,
 )
+from .state_io import save_state
 from .store import TERMINAL_STATUSES, HeldLease, RunStatus, RunStore
 from .train.loop import Callback
 
@@ -88,10 +89,48 @@ def run(
     resolve_device(device)  # a wrong --device is refused before anything is recorded
     if isinstance(store, (str, Path)):
         store = RunStore(default_store_root() if store == "default" else store)
+    if mask is None and config.prune.method in AFTER_TRAINING:
+        # lwc, lottery: a dense parent run and pruning rounds as child runs (posttrain arranges
+        # runs of this module, so it is imported where it is used)
+        from .posttrain import run_after_training
+
+        return run_after_training(config, store=store, data_dir=data_dir, device=device, force=force,
+                                  progress=progress, download=download, group=group, parent=parent,
+                                  callbacks=callbacks, wait=wait)
     key = config.key() if mask is None else _combined_key(config, mask)
     config, recorded = _what_is_trained(config, mask)
+    return run_recorded(config, key, recorded, store=store, data_dir=data_dir, device=device, force=force,
+                        progress=progress, download=download, mask=mask, group=group, parent=parent,
+                        callbacks=callbacks, wait=wait)
+
+
+def run_recorded(
+    config: RunConfig,
+    key: str,
+    recorded: dict[str, Any],
+    *,
+    store: RunStore | None,
+    data_dir: str | Path | None = None,
+    device: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+    download: bool = True,
+    mask: Mask | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    keep: tuple[int, ...] = (),
+    group: Any = None,
+    parent: str | None = None,
+    callbacks: list[Callback] = (),
+    wait: bool = False,
+) -> RunOutcome:
+    """:func:`run` under a ``key`` and ``recorded`` config the caller chose: the step that
+    arranges runs of its own (:mod:`sparsetrain.posttrain`: a pruning round trains ``mask`` from
+    ``weights``, a state dict of the model, instead of the config's init). ``keep``: iterations
+    whose weights the run writes beside its checkpoint as ``weights-<k>.safetensors`` (k = 0:
+    before the first step), the rewind points a child run starts from."""
     if store is None:
-        return _execute(config, key, None, data_dir, device, progress, download, mask, callbacks, None)
+        return _execute(config, key, None, data_dir, device, progress, download, mask, callbacks, None,
+                        weights, keep)
     record = store.get(key)
     if record is not None and record.status in TERMINAL_STATUSES and not force:
         return _reused(key, config, record)
@@ -105,7 +144,8 @@ def run(
         store.begin(key, recorded, config.seed, name=config.name, group=group, parent=parent)
         try:
             with _sigterm_as_interrupt():
-                return _execute(config, key, store, data_dir, device, progress, download, mask, callbacks, lease)
+                return _execute(config, key, store, data_dir, device, progress, download, mask, callbacks,
+                                lease, weights, keep)
         except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: an outside stop, resumable
             _record_end(store, lease, key, f"{type(err).__name__}: {err}", RunStatus.INTERRUPTED)
             raise
@@ -178,8 +218,11 @@ def _combined_key(config: RunConfig, mask: Mask) -> str:
     return digest.hexdigest()[:16]
 
 
-def _execute(config, key, store, data_dir, device, progress, download, given_mask, callbacks, lease) -> RunOutcome:
+def _execute(config, key, store, data_dir, device, progress, download, given_mask, callbacks, lease,
+             weights=None, keep=()) -> RunOutcome:
     built = build(config, data_dir=data_dir, device=device, download=download)
+    if weights is not None:  # a pruning round after training: the parent's weights, not the init
+        built.model.load_state_dict(weights)
     folder = store.artifact_dir(key) if store is not None else None
 
     started = time.perf_counter()
@@ -201,17 +244,40 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
 
     layers = layer_table(mask, built.model, built.loaders.input_shape)
     model, hooks = init_under_mask(config, built, mask)
+    checkpoint = folder / "checkpoint.safetensors" if folder is not None else None
+    if keep and folder is not None:
+        callbacks = [*callbacks, KeepWeights(model, folder, keep)]
+        if 0 in keep and not checkpoint.exists():  # iteration 0: the weights before any step
+            KeepWeights(model, folder, (0,)).on_step(0, None)
     on_metrics = None
     if store is not None:
         def on_metrics(step, values):
             lease.check()  # taken over by another process: stop before writing anything of theirs
             store.log_metrics(key, step, values)
     result = train_stage(config, built, model, hooks, mask, progress=progress, on_metrics=on_metrics,
-                         checkpoint_path=folder / "checkpoint.safetensors" if folder is not None else None,
-                         callbacks=callbacks)
+                         checkpoint_path=checkpoint, callbacks=callbacks)
     results = result.as_results() | {"sparsity": overall(mask), "device": str(built.device)}
     timings = {"prune_seconds": prune_seconds, "train_seconds": result.seconds}
     if store is not None:
         lease.check()
         store.finish(key, results, layer_sparsity=layers, timings=timings, status=result.status)
     return RunOutcome(key, config, results, layers, reused=False, status=result.status)
+
+
+def kept_weights_path(folder: Path, step: int) -> Path:
+    """Where a run keeps its weights at iteration ``step`` (see :class:`KeepWeights`)."""
+    return Path(folder) / f"weights-{step}.safetensors"
+
+
+class KeepWeights(Callback):
+    """Writes the model's state dict at the given iterations (after that iteration's step) to
+    :func:`kept_weights_path` in ``folder``: the rewind points of a lottery ticket, kept by the
+    dense run they rewind to, once."""
+
+    def __init__(self, model: torch.nn.Module, folder: Path, steps: tuple[int, ...]):
+        self.model, self.folder, self.steps = model, Path(folder), set(steps)
+
+    def on_step(self, step: int, loss: torch.Tensor | None) -> str | None:
+        if step in self.steps:
+            save_state(kept_weights_path(self.folder, step), {"model": self.model.state_dict()})
+        return None

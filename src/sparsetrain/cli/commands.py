@@ -19,6 +19,7 @@ from ..options import describe_options
 from ..models import create_model, default_input_shape, describe_model_args, list_models
 from ..pipeline import DENSE, build, find_mask, layer_table, validate
 from ..pruning import list_methods, method_spec
+from ..pruning.after_training import AFTER_TRAINING
 from ..recipes import list_recipes
 from ..run import default_store_root, run
 from ..train.loop import resolve_device
@@ -172,6 +173,11 @@ def _method_line(name: str) -> list[str]:
     return _with_args(head, [f"option {line}" for line in describe_options(getattr(spec, "options", None))])
 
 
+def _after_training_line(name: str) -> list[str]:
+    spec = AFTER_TRAINING[name]
+    return _with_args(f"{name}  ({spec.summary})", [f"option {line}" for line in describe_options(spec.options)])
+
+
 def _dataset_line(name: str) -> list[str]:
     return _with_args(name, [f"data_arg {line}" for line in describe_options(getattr(dataset_spec(name), "args", None))])
 
@@ -181,6 +187,7 @@ def _list(args):
         "models": lambda: [line for n in list_models(args.pattern) for line in _model_line(n)],
         "datasets": lambda: [line for n in list_datasets(args.pattern) for line in _dataset_line(n)],
         "methods": lambda: [line for n in list_methods(args.pattern) for line in _method_line(n)]
+        + [line for n in AFTER_TRAINING if _match(n, args.pattern) for line in _after_training_line(n)]
         + ([DENSE + "  (no pruning)"] if _match(DENSE, args.pattern) else []),
         "inits": lambda: list_inits(args.pattern),
         "recipes": lambda: [r for r in list_recipes() if _match(r, args.pattern)],
