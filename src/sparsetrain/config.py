@@ -120,8 +120,9 @@ class PruneConfig:
     scope: str = setting("global", "layer budget: global (top kappa over all tensors), layerwise (every "
                                    "tensor at the same sparsity) or erk (Erdos-Renyi-Kernel, as RigL)",
                          registry="scope")
-    reinit: str = setting("", "after pruning, train a fresh draw of this init scheme instead of the scored "
-                              "weights (snip-public: variance-scaling-zero-bias); empty keeps the scored weights",
+    reinit: str = setting("", "after pruning, train a fresh draw of this init scheme (name or "
+                              "name:key=value,...) instead of the scored weights (snip-public: "
+                              "variance-scaling-zero-bias); empty keeps the scored weights",
                           registry="init")
     structure: str = later("", "mask structure: 'N:M' (e.g. '2:4'; needs sparsity 1-N/M), 'blockRxC' "
                                "(e.g. 'block32x32'), or '' (unstructured)")
@@ -196,7 +197,9 @@ class RunConfig:
     model: str = setting("lenet-300-100", "model", registry="model")
     dataset: str = setting("mnist", "data set", registry="dataset")
     seed: int = setting(0, "seed of the init, the pruning batch order and the training order")
-    init: str = setting("default", "initialization scheme of the scored weights", registry="init")
+    init: str = setting("default", "initialization scheme of the scored weights: name or name:key=value,..., "
+                                   "e.g. normal:std=0.1; parameters: `sparsetrain list inits`",
+                        registry="init")
     model_args: dict[str, Any] = later(default_factory=dict, help="the model's own arguments "
                                        "(depth, width, ...; `sparsetrain list models`)", flag="model-arg")
     data_args: dict[str, Any] = later(default_factory=dict, help="the data set's own arguments "

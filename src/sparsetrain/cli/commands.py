@@ -12,7 +12,7 @@ import torch
 from .. import experiments
 from ..data import dataset_spec, list_datasets
 from ..errors import SparsetrainError
-from ..init import list_inits
+from ..init import describe_init, list_inits
 from ..mask_stats import format_layer_rows
 from ..masks import format_sparsity_table, load_mask, save_mask
 from ..options import describe_options
@@ -173,6 +173,11 @@ def _method_line(name: str) -> list[str]:
     return _with_args(head, [f"option {line}" for line in describe_options(getattr(spec, "options", None))])
 
 
+def _init_line(name: str) -> list[str]:
+    summary, *parameters = describe_init(name)
+    return _with_args(f"{name:<27} {summary}", [f"parameter {line}" for line in parameters])
+
+
 def _after_training_line(name: str) -> list[str]:
     spec = AFTER_TRAINING[name]
     return _with_args(f"{name}  ({spec.summary})", [f"option {line}" for line in describe_options(spec.options)])
@@ -189,7 +194,7 @@ def _list(args):
         "methods": lambda: [line for n in list_methods(args.pattern) for line in _method_line(n)]
         + [line for n in AFTER_TRAINING if _match(n, args.pattern) for line in _after_training_line(n)]
         + ([DENSE + "  (no pruning)"] if _match(DENSE, args.pattern) else []),
-        "inits": lambda: list_inits(args.pattern),
+        "inits": lambda: [line for n in list_inits(args.pattern) for line in _init_line(n)],
         "recipes": lambda: [r for r in list_recipes() if _match(r, args.pattern)],
         "optimizers": lambda: OPTIMIZERS.list(args.pattern),
         "schedules": lambda: SCHEDULES.list(args.pattern),

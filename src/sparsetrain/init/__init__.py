@@ -1,34 +1,49 @@
-"""Initialization schemes by name.
+"""Initialization schemes by name, for the weights that are scored (``init``, ``--init``) and the
+weights that are trained (``prune.reinit``, ``--reinit``). See docs/init.md.
 
-``default`` is PyTorch's own ``reset_parameters``. ``variance-scaling`` is TensorFlow 1's default
-``variance_scaling_initializer`` as used by snip-public: truncated normal at two standard deviations,
-fan-in mode, scale 1, std = sqrt(1 / fan_in) / 0.8796 (the correction for truncation), for weights
-*and* biases (a bias of n entries has fan-in n, as in TF). ``variance-scaling-zero-bias`` draws
-the weights the same way and sets biases to zero: snip-public's set of weights that is trained.
+An init string is a scheme's name and, after a colon, its parameters: ``he-normal``,
+``normal:std=0.1``, ``truncated-normal:std=0.05``, ``variance-scaling:scale=2,mode=fan_in,
+distribution=uniform``, ``orthogonal:gain=1``, ``glorot-uniform:zero_bias=true``
+(:mod:`.spec`). The schemes (:mod:`.schemes`, laws in :mod:`.laws`): ``default`` (PyTorch's
+``reset_parameters``); ``zeros``; ``normal``, ``truncated-normal`` (cut at 2 std, as TensorFlow)
+and ``uniform`` with a fixed scale; ``variance-scaling`` (TensorFlow's: scale, mode fan_in /
+fan_out / fan_avg, distribution truncated_normal / normal / uniform; its defaults are TF1's
+default initializer, snip-public's) and its named forms ``lecun-``, ``glorot-`` and
+``he-normal`` / ``-uniform``; ``orthogonal``; ``delta-orthogonal`` for convolutions. Biases are
+drawn from the weights' law unless ``zero_bias=true`` (``zeros`` and the orthogonal schemes set
+them to zero). ``variance-scaling-zero-bias`` is the older name of
+``variance-scaling:zero_bias=true``, kept with the runs recorded under it.
 
     >>> import torch
-    >>> from sparsetrain.init import initialize_
     >>> layer = torch.nn.Linear(100, 10)
     >>> _ = initialize_(layer, "variance-scaling-zero-bias", seed=0)
     >>> float(layer.bias.detach().abs().sum())
     0.0
+    >>> _ = initialize_(layer, "orthogonal", seed=0)
+    >>> bool(torch.allclose(layer.weight @ layer.weight.T, torch.eye(10), atol=1e-5))
+    True
+    >>> TABLE3_SCHEMES["he"]
+    'variance-scaling:scale=2'
+    >>> with_zero_bias(TABLE3_SCHEMES["he"])
+    'variance-scaling:scale=2,zero_bias=true'
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import torch
 import torch.nn as nn
 
-from ..registry import Registry
-
-INITS = Registry("init scheme")
-_TRUNC_CORRECTION = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+from ..errors import SparsetrainError
+from ..options import describe_options
+from .schemes import TABLE3_SCHEMES
+from .spec import INITS, parse_init, register_init
 
 
 def initialize_(model: nn.Module, scheme: str, seed: int) -> nn.Module:
-    """Re-draw every parameter of ``model`` in place with ``scheme``, reproducibly from ``seed``."""
+    """Re-draw every parameter of ``model`` in place with the init string ``scheme``,
+    reproducibly from ``seed`` (the global RNG is left as it was)."""
     init = INITS.get(scheme)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -40,48 +55,36 @@ def list_inits(pattern: str = "*") -> list[str]:
     return INITS.list(pattern)
 
 
-@INITS.register("default")
-def _default(model: nn.Module) -> None:
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+def describe_init(name: str) -> list[str]:
+    """``[summary, "name (type) = default  help", ...]`` of scheme ``name``: the first line of
+    its docstring, then one line per parameter (``required`` for one without a default)."""
+    spec = INITS.spec(name)
+    summary = (spec.init.__doc__ or "").strip().split("\n")[0]
+    fields = dataclasses.fields(spec.options) if spec.options else ()
+    lines = describe_options(spec.options)
+    for i, f in enumerate(fields):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            lines[i] = lines[i].replace(f" = {dataclasses.MISSING!r}", ", required")
+    return [summary] + lines
 
 
-def _fan_in(shape: torch.Size) -> int:
-    if len(shape) == 1:
-        return shape[0]
-    return math.prod(shape[1:])  # Linear (out, in); Conv (out, in, k...): in * prod(k)
+def with_zero_bias(scheme: str) -> str:
+    """The init string that draws the weights of ``scheme`` with zero biases: snip-public's fresh
+    draw that is trained, for ``prune.reinit``. ``variance-scaling`` gives its older name
+    ``variance-scaling-zero-bias`` (the recorded runs' key); schemes whose biases are zero
+    already come back unchanged."""
+    spec, _ = INITS.resolve(scheme)
+    name, values = parse_init(scheme)
+    if name == "variance-scaling" and not values:
+        return "variance-scaling-zero-bias"
+    fields = [f.name for f in dataclasses.fields(spec.options)] if spec.options else []
+    if "zero_bias" not in fields:
+        if name == "default":
+            raise SparsetrainError("init scheme 'default' is PyTorch's own draw, biases included, and has no "
+                                   "zero-bias form; name the scheme PyTorch uses for a layer instead")
+        return scheme
+    values["zero_bias"] = True
+    return name + ":" + ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
 
 
-def _variance_scaling_(tensor: torch.Tensor) -> None:
-    std = math.sqrt(1.0 / _fan_in(tensor.shape)) / _TRUNC_CORRECTION
-    nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std)
-
-
-def _variance_scaling(model: nn.Module, zero_bias: bool) -> None:
-    _default(model)  # normalisation layers and anything unusual keep PyTorch's defaults
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            owner_name, _, leaf = name.rpartition(".")
-            if isinstance(model.get_submodule(owner_name), _NORMS):
-                continue
-            if "bias" in leaf:  # bias, bias_ih_l0, in_proj_bias, ...
-                param.zero_() if zero_bias else _variance_scaling_(param)
-            elif param.dim() >= 2:
-                _variance_scaling_(param)
-
-
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-
-
-@INITS.register("variance-scaling")
-def _variance_scaling_all(model: nn.Module) -> None:
-    _variance_scaling(model, zero_bias=False)
-
-
-@INITS.register("variance-scaling-zero-bias")
-def _variance_scaling_weights(model: nn.Module) -> None:
-    _variance_scaling(model, zero_bias=True)
-
-
-__all__ = ["INITS", "initialize_", "list_inits"]
+__all__ = ["INITS", "TABLE3_SCHEMES", "describe_init", "initialize_", "list_inits", "register_init", "with_zero_bias"]
