@@ -8,9 +8,9 @@ bias (``bias``, ``bias_ih_l0``, ``in_proj_bias``, ...) by one rule:
 
 - schemes with a scale (``normal``, ``truncated-normal``, ``uniform``, ``variance-scaling`` and
   its named forms) draw a bias of ``n`` entries from the same law, with fan-in = fan-out = ``n``
-  (what TensorFlow does when one initializer is given for both, and the set of weights
-  snip-public's recipes here score); ``zero_bias=true`` sets biases to zero instead (snip-public's
-  fresh draw that is trained, for any scheme);
+  (what TensorFlow does when one initializer is given for both, and what this project's SNIP
+  recipes score with); ``zero_bias=true`` sets biases to zero instead (snip-public's fresh draw
+  that is trained, for any scheme);
 - ``zeros``, ``orthogonal`` and ``delta-orthogonal`` set biases to zero (a vector has no
   orthogonal law; spp-public's ``init_b`` is zeros), so they have no ``zero_bias``;
 - ``default`` is PyTorch's own draw, biases included.
