@@ -8,6 +8,7 @@ mlp-tiny (784-32-10) on the synthetic set, a few dozen iterations per run.
 from __future__ import annotations
 
 import importlib
+import threading
 
 import pytest
 import torch
@@ -240,3 +241,14 @@ def test_a_rewind_past_a_length_in_epochs_and_a_mask_at_init_are_refused(tmp_pat
     assert RunStore(tmp_path).list() == []  # refused before the dense run began
     with pytest.raises(SparsetrainError, match="prunes a trained network"):
         find_mask(tiny("lwc", 0.5), build(tiny("lwc", 0.5)))
+
+
+def test_a_dense_parent_another_process_trains_is_waited_for_not_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("sparsetrain.store"), "LEASE_POLL_S", 0.02)
+    store = RunStore(tmp_path)
+    config = tiny("lwc", 0.9, iterations=10)  # a table's other sparsities prune the same dense run
+    dense_key = config.replace(prune={"method": "dense", "sparsity": 0.0, "options": {}}).key()
+    held = store.take_lease(dense_key)  # as a worker training that dense run holds it
+    threading.Timer(0.3, held.release).start()
+    outcome = run(config, store=store, progress=None)  # wait=False: only the config's own run is refused
+    assert outcome.status == "finished" and store.get(outcome.key).parent == dense_key

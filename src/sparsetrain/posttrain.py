@@ -19,7 +19,9 @@ found at initialization but an arrangement of the pipeline's stages over several
 
 Every run is resumable on its own: started again, the finished runs are reused and the first
 unfinished one resumes from its checkpoint. ``force=True`` runs the rounds again, never the dense
-parent. All the runs go in ``group`` (default ``(method, config.key())``).
+parent. All the runs go in ``group`` (default ``(method, config.key())``). The dense run and the
+rounds before the last may be shared with other configs (a table's sparsities all prune one dense
+run), so one that another process is training is waited for, never refused.
 
     >>> import tempfile
     >>> from sparsetrain import RunConfig, run
@@ -95,7 +97,7 @@ def run_after_training(config: RunConfig, *, store: RunStore | None, data_dir: s
                           status=final.status)
     group = group or (p.method, config.key())
     common = dict(store=store, data_dir=data_dir, device=device, progress=progress, download=download,
-                  callbacks=callbacks, wait=wait, group=group)
+                  callbacks=callbacks, group=group)
     dense = dense_parent(config)
     built = build(dense, data_dir=data_dir, device=device, download=download)  # the model the masks cover
     rewind = getattr(options, "rewind", None)
@@ -111,8 +113,10 @@ def run_after_training(config: RunConfig, *, store: RunStore | None, data_dir: s
             print(f"{p.method}: {text}", file=sys.stderr, flush=True)
 
     say(f"the dense run {dense.key()} (reused if recorded), then {len(steps)} round(s) to {p.sparsity:.2%} sparsity")
+    # The dense run and the rounds before the last are shared (by the sparsities of a table, by
+    # lottery chains to several targets): one being trained by another process is waited for.
     outcome = run_recorded(dense, dense.key(), dense.to_dict(), parent=parent,
-                           keep=() if rewind is None else (rewind,), **common)
+                           keep=() if rewind is None else (rewind,), wait=True, **common)
     if outcome.status == RunStatus.INFEASIBLE:
         raise SparsetrainError(f"the dense run {outcome.key} diverged (its weights are not finite), so "
                                f"{p.method} has nothing to prune: lower train.lr")
@@ -125,7 +129,8 @@ def run_after_training(config: RunConfig, *, store: RunStore | None, data_dir: s
         built.model.load_state_dict(trained)
         mask = Mask(magnitude_mask(named, previous_mask, sparsity, p.scope), left_out=left_out,
                     metadata={"method": p.method})
-        stage = round_config(config, sparsity)
+        label = f"{p.method} round {r}/{len(steps)}"  # after the config's own label (a recipe's name), if any
+        stage = round_config(config, sparsity).replace(name=f"{config.name}, {label}" if config.name else label)
         last = r == len(steps)
         key = config.key() if last else _round_key(config, sparsity, previous_key)
         recorded = stage.to_dict() | {"after_training": {
@@ -135,7 +140,7 @@ def run_after_training(config: RunConfig, *, store: RunStore | None, data_dir: s
         weights = trained if start is None else start
         say(f"round {r}/{len(steps)} at {sparsity:.2%} sparsity: run {key}, parent {previous_key}")
         outcome = run_recorded(stage, key, recorded, mask=mask, weights=weights, parent=previous_key,
-                               force=force, **common)
+                               force=force, wait=wait or not last, **common)
         if outcome.status == RunStatus.INFEASIBLE and not last:
             raise SparsetrainError(f"round {r} of {p.method} ({key}) diverged, so the next round has nothing to "
                                    "prune: lower train.lr")
