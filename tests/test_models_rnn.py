@@ -63,7 +63,7 @@ def test_nonpositive_sizes_are_refused():
 def test_the_last_steps_hidden_state_decides():
     # An oracle for the forward pass: project, run torch's own LSTM cell step by step, head on h_T.
     torch.manual_seed(0)
-    model = create_model("lstm-s", hidden=8).eval()
+    model = create_model("lstm-s", hidden=8, forget_bias=0.0).eval()  # forget_bias: tested below
     x = torch.randn(3, 5, 28)  # (B, T, F)
     cell = nn.LSTMCell(8, 8)
     rnn = model.rnn
@@ -170,3 +170,28 @@ def test_an_image_view_is_refused_by_the_command_line_with_the_fix(capsys):
     assert code == 2
     assert "lstm-s takes sequences of shape (steps, features), got examples of shape (1, 28, 28)" in out
     assert "view = 'rows'" in out and "Traceback" not in out
+
+
+def test_lstm_forget_bias_is_tensorflows_constant_on_the_forget_gate():
+    """The LSTM with forget_bias=1 computes, step by step, the cell written out here by hand (gates
+    in nn.LSTM's order i, f, g, o; 1 added to f's pre-activation); it adds no parameter, and a
+    pruned (zero) forget-gate bias still leaves the gate at sigmoid(1) for a zero input."""
+    torch.manual_seed(0)
+    model = create_model("lstm-s", hidden=8, input_shape=(5, 3))
+    assert model.forget_bias == 1.0
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in create_model("lstm-s", hidden=8, input_shape=(5, 3), forget_bias=0.0).parameters())
+    x = torch.randn(2, 5, 3)
+    r, hidden = model.rnn, 8
+    projected = model.project(x)
+    h = c = torch.zeros(2, hidden)
+    for t in range(5):
+        gates = projected[:, t] @ r.weight_ih_l0.T + r.bias_ih_l0 + h @ r.weight_hh_l0.T + r.bias_hh_l0
+        i, f, g, o = gates.split(hidden, 1)
+        c = torch.sigmoid(f + 1.0) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+    torch.testing.assert_close(model(x), model.head(h))
+    model(x).sum().backward()
+    assert r.bias_ih_l0.grad is not None and r.bias_ih_l0.grad.abs().sum() > 0
+    with pytest.raises(SparsetrainError, match="unknown model_args 'forget_bias' for model 'gru-s'"):
+        create_model("gru-s", forget_bias=1.0)
