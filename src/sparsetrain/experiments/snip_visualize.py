@@ -18,7 +18,6 @@ data set beside them (``<out stem>_<data set>.png``), each through :func:`sparse
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,12 @@ from torch import nn
 
 from ..data import load_dataset, preprocess
 from ..errors import SparsetrainError
-from ..fsio import atomic_write
 from ..init import initialize_
 from ..measure import Provenance, write_report
 from ..models import create_model
 from ..pruning import prune_at_init
 from .common import EXPERIMENTS, ReproduceOptions
+from .grid import new_figure, save_png
 
 MODEL = "lenet-300-100"
 INIT = "variance-scaling"  # the Table 1 recipes' initialisation
@@ -114,16 +113,12 @@ def compute_maps(dataset: str, *, classes=range(10), batch_sizes=BATCH_SIZES, sp
 def plot_maps(maps: CountMaps, path: str | Path) -> Path:
     """One PNG: a row of the per-class maps, then a row of the batch-size maps, on one colour
     scale (0 to the largest count), written atomically (``what="report"``)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     names = CLASS_NAMES.get(maps.dataset, [])
     top = [(f"batch 1: {names[c] if c < len(names) else c}", m) for c, m in maps.per_class.items()]
     bottom = [(f"batch {b}", m) for b, m in maps.per_batch.items()]
     cols = max(len(top), len(bottom), 1)
     vmax = max(int(m.max()) for _, m in top + bottom) or 1
-    fig = Figure(figsize=(1.3 * cols, 3.2), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure(1.3 * cols, 3.2)
     image = None
     for row, panels in enumerate((top, bottom)):
         for col in range(cols):
@@ -137,11 +132,7 @@ def plot_maps(maps: CountMaps, path: str | Path) -> Path:
                  f"(LeNet-300-100, SNIP {maps.sparsity:.0%})", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=fig.axes, fraction=0.015, pad=0.01).ax.tick_params(labelsize=6)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    path = Path(path)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()), what="report")
-    return path
+    return save_png(fig, path)
 
 
 def _summary(m: torch.Tensor) -> dict:

@@ -1,0 +1,82 @@
+"""The SNIP paper's experiments beyond its tables, as commands: the pruning batch size
+(`reproduce snip-prune-batch`) and memorization (`reproduce snip-memorization`), each run here
+for a few iterations on real MNIST through the real command; and the grid they share."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsetrain.cli.main import main
+from sparsetrain.errors import SparsetrainError
+from sparsetrain.experiments import EXPERIMENTS
+from sparsetrain.experiments import grid as g
+from sparsetrain.experiments import snip_memorization as mem
+from sparsetrain.experiments import snip_prune_batch as pb
+from sparsetrain.masks import load_mask
+from sparsetrain.store import RunStore
+
+# The paper's figures for the pruning batch size (LeNet-300-100 at 90%), written here apart from
+# the experiment's own table.
+PAPER_BATCH = {1: 1.94, 10: 1.72, 100: 1.64, 1000: 1.56, 10000: 1.40}
+
+
+def test_the_experiments_are_registered_with_the_papers_cells():
+    assert EXPERIMENTS.get("snip-prune-batch") is pb.reproduce_snip_prune_batch
+    assert EXPERIMENTS.get("snip-memorization") is mem.reproduce_snip_memorization
+    assert pb.PAPER == PAPER_BATCH
+    configs = [c.config() for c in pb.CELLS]
+    assert [c.prune.batch_size for c in configs] == list(PAPER_BATCH)
+    assert {(c.model, c.prune.method, c.prune.sparsity, c.train.iterations) for c in configs} == {
+        ("lenet-300-100", "snip", 0.9, 60_000)}
+    memo = {(c.info["network"], c.info["method"], c.info["labels"]): c.config() for c in mem.CELLS}
+    assert len(memo) == 8
+    assert memo["lenet-300-100", "snip", "random"].data_args == {"random_labels": True}
+    assert memo["lenet-300-100", "snip", "true"].data_args == {}
+    assert memo["lenet-5-caffe", "snip", "random"].prune.sparsity == 0.98
+    assert memo["lenet-300-100", "dense", "random"].prune.method == "dense"
+
+
+def test_grid_rows_select_by_name_or_tag_and_refuse_unknown_ones():
+    assert [c.name for c in g.select(mem.CELLS, ["lenet-5-caffe"])] == [
+        c.name for c in mem.CELLS if c.info["network"] == "lenet-5-caffe"]
+    assert len(g.select(mem.CELLS, ["random-labels"])) == 4
+    with pytest.raises(SparsetrainError, match="unknown row.*lenet-7.*tags"):
+        g.select(mem.CELLS, ["lenet-7"])
+
+
+def test_prune_batch_runs_each_batch_size_and_writes_table_and_figure(tmp_path, mnist_root, capsys):
+    out, store = tmp_path / "pb.md", tmp_path / "store"
+    assert main(["reproduce", "snip-prune-batch", "--rows", "1", "1000", "--seeds", "0", "--iterations", "5",
+                 "--data-dir", str(mnist_root), "--store", str(store), "--out", str(out), "--no-progress"]) == 0
+    text = out.read_text()
+    assert text.startswith("# SNIP paper: pruning batch size") and "shortened" in text.splitlines()[0]
+    assert "| 1 | " in text and "| 1,000 | " in text and "| 10 | " not in text
+    assert (tmp_path / "pb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "pb.json").read_text())
+    assert set(data["rows"]) == {"1", "1000"}
+    runs = RunStore(store).list()
+    assert sorted(r.config["prune"]["batch_size"] for r in runs) == [1, 1000]
+    assert {r.group_name for r in runs} == {"snip-prune-batch"}
+    # the masks differ: one example and a thousand do not give the same sensitivities
+    masks = [load_mask(store / "runs" / r.key / "mask.safetensors") for r in runs]
+    assert any(not torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_memorization_fits_true_labels_better_than_random_ones(tmp_path, mnist_root):
+    out, store = tmp_path / "mem.md", tmp_path / "store"
+    assert main(["reproduce", "snip-memorization", "--rows", "lenet-300-100", "--seeds", "0", "--iterations", "100",
+                 "--data-dir", str(mnist_root), "--store", str(store), "--out", str(out), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "mem.json").read_text())["rows"]
+    assert len(data) == 4
+    for method in ("dense", "snip"):
+        true = data[f"snip-memorization-lenet-300-100-{method}-true"]
+        random = data[f"snip-memorization-lenet-300-100-{method}-random"]
+        # after 100 iterations the true labels are half learnt, the random ones are at chance (9 in 10 wrong)
+        assert true["train_error_end"][0] < 0.5 and random["train_error_end"][0] > 0.8
+        assert random["test_error_final"][0] > 0.7  # trained on random labels, tested on the true ones
+    assert (tmp_path / "mem_lenet-300-100.png").exists()
+    runs = {r.name: r for r in RunStore(store).list()}
+    assert runs["snip-memorization-lenet-300-100-snip-random"].config["data_args"] == {"random_labels": True}
