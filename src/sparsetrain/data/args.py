@@ -6,7 +6,7 @@ line hold plain values (TOML/JSON: a list where the dataclass has a tuple), and
 :func:`build_args` turns them into the dataclass, refusing unknown keys and wrong types.
 
     >>> build_args(ImageArgs, {"view": "rows"}, "mnist")
-    ImageArgs(view='rows')
+    ImageArgs(view='rows', random_labels=False)
     >>> build_args(ImageArgs, {"flip": True}, "mnist")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...

@@ -11,7 +11,7 @@ which also names the frozen dataclass of the arguments it takes:
     >>> dataset_args("mnist", {"views": "rows"})
     Traceback (most recent call last):
     ...
-    sparsetrain.errors.SparsetrainError: unknown data arg 'views' of data set 'mnist'; valid data args: view
+    sparsetrain.errors.SparsetrainError: unknown data arg 'views' of data set 'mnist'; valid data args: view, random_labels
 """
 
 from __future__ import annotations
