@@ -80,3 +80,34 @@ def test_memorization_fits_true_labels_better_than_random_ones(tmp_path, mnist_r
     assert (tmp_path / "mem_lenet-300-100.png").exists()
     runs = {r.name: r for r in RunStore(store).list()}
     assert runs["snip-memorization-lenet-300-100-snip-random"].config["data_args"] == {"random_labels": True}
+
+
+def test_table3_cells_are_the_papers_grid():
+    from sparsetrain.experiments import snip_table3 as t3
+    from sparsetrain.pipeline import validate
+
+    assert EXPERIMENTS.get("snip-table3") is t3.reproduce_snip_table3
+    cells = {(c.info["network"], c.info["label"]): c.config() for c in t3.CELLS}
+    assert set(cells) == {(n, lab) for n in ("lenet-300-100", "lenet-5-caffe", "lstm-s", "gru-s")
+                          for lab in ("RN", "TN", "VS-X", "VS-H")}
+    for (network, label), config in cells.items():
+        validate(config)
+        assert config.model == network and config.prune.method == "snip" and config.prune.sparsity == 0.9
+        assert (config.train.optimizer, config.train.lr) == ("adam", 1e-3)
+        assert config.prune.reinit.startswith(config.init.split(":")[0])  # the same law, zero biases
+    assert cells["lenet-300-100", "RN"].init == "normal:std=0.1"
+    assert cells["gru-s", "VS-H"].init == "variance-scaling:scale=2"
+    assert cells["lstm-s", "TN"].data_args == {"view": "rows"}
+    assert t3.PAPER[("lenet-300-100", "he")] == 1.88
+
+
+def test_table3_runs_a_network_row_end_to_end(tmp_path, mnist_root):
+    out, store = tmp_path / "t3.md", tmp_path / "store"
+    assert main(["reproduce", "snip-table3", "--rows", "lenet-300-100", "--seeds", "0", "--iterations", "5",
+                 "--data-dir", str(mnist_root), "--store", str(store), "--out", str(out), "--no-progress"]) == 0
+    first = out.read_text().splitlines()[0]
+    assert "shortened" in first and "rows lenet-300-100 (4 of 16 cells)" in first
+    runs = RunStore(store).list()
+    assert sorted(r.config["init"] for r in runs) == sorted(
+        ["normal:std=0.1", "truncated-normal:std=0.1", "variance-scaling:mode=fan_avg", "variance-scaling:scale=2"])
+    assert (tmp_path / "t3.png").exists()

@@ -100,8 +100,10 @@ def run_grid(cells: list[Cell], options: ReproduceOptions, group: tuple[str, str
     chosen = select(cells, options.rows)
     configs = {c.name: configs_of([c], options.seeds, options.iterations) for c in chosen}
     full_lengths = [c.config().train.iterations for c in chosen]
-    reasons = shortened_reasons(seeds=options.seeds, rows=[c.name for c in chosen], default_rows=[c.name for c in cells],
+    reasons = shortened_reasons(seeds=options.seeds, rows=[], default_rows=[],
                                 iterations=options.iterations, recipe_iterations=full_lengths)
+    if len(chosen) < len(cells):  # named as the user selected them (names or tags)
+        reasons.append(f"rows {' '.join(options.rows)} ({len(chosen)} of {len(cells)} cells)")
     check_out(options, reasons)
     provenance = Provenance.now(options.command)
     started = time.time()
