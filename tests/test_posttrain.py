@@ -102,11 +102,12 @@ def test_lwc_prunes_the_trained_weights_by_magnitude_and_retrains_from_them(tmp_
 def test_lwc_rounds_prune_each_retrained_network_in_turn(tmp_path, starts):
     store = RunStore(tmp_path)
     config = tiny("lwc", 0.99, iterations=20).replace(prune={"rounds": 2}, train={"iterations": 20})
-    config = config.replace(prune={"options": {"iterations": 10}})
+    config = config.replace(prune={"options": {"iterations": 10, "lr_factor": 0.1}})
     run(config, store=store, progress=None)
 
     second, first, dense = chain(store, config.key())
     assert first.config["prune"]["sparsity"] == pytest.approx(0.9) and second.config["train"]["iterations"] == 10
+    assert second.results["steps"] == 10 and second.config["train"]["lr"] == pytest.approx(0.01)
     first_mask = top_kappa(final_model(store, dense.key), round(M * 0.1))
     assert all(torch.equal(saved_mask(store, first.key)[n], first_mask[n]) for n in WEIGHTS)
     second_mask = top_kappa(final_model(store, first.key), round(M * 0.01), alive=first_mask)
@@ -162,6 +163,15 @@ def test_lottery_rewinds_to_iteration_k_kept_by_the_dense_run_or_replayed(tmp_pa
             mask = saved_mask(store, record.key)
             for name, value in at_10.items():
                 assert torch.equal(start[name], value * mask[name] if name in mask else value), name
+
+
+def test_lottery_chains_to_two_targets_share_their_first_rounds(tmp_path, starts):
+    store = RunStore(tmp_path)
+    run(tiny("lottery", 0.7, fraction=0.5), store=store, progress=None)  # dense, 50%, 70%
+    run(tiny("lottery", 0.8, fraction=0.5), store=store, progress=None)  # 75% and 80% new
+    assert len(starts) == 5 and len(store.list()) == 5
+    assert chain(store, tiny("lottery", 0.8, fraction=0.5).key())[2].key == chain(
+        store, tiny("lottery", 0.7, fraction=0.5).key())[1].key  # the 50% round
 
 
 def test_a_rerun_trains_nothing_and_a_killed_round_resumes(tmp_path, starts):
@@ -225,6 +235,8 @@ def test_without_a_store_the_runs_live_in_a_temporary_one(tmp_path):
     ({"sparsity": 0.0}, "use method 'dense'"),
     ({"shuffle": True}, "prune.shuffle does not apply"),
     ({"options": {"rewnd": 3}}, "valid options: fraction, rewind, max_rounds"),
+    ({"method": "lwc", "options": {"lr_factor": 0.0}}, "must be a positive number"),
+    ({"method": "lwc", "options": {"iterations": -1}}, "must be >= 0"),
 ])
 def test_bad_lottery_settings_are_refused_before_anything_runs(tmp_path, changes, words):
     config = tiny("lottery", 0.9).replace(prune=changes)

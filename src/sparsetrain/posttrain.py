@@ -150,12 +150,12 @@ def run_after_training(config: RunConfig, *, store: RunStore | None, data_dir: s
 
 def round_config(config: RunConfig, sparsity: float) -> RunConfig:
     """The config a round trains with: its sparsity, no fresh draw of weights (they come from the
-    parent), and for lwc with option ``iterations`` that retraining length."""
-    changes: dict[str, Any] = {"prune": {"sparsity": sparsity, "reinit": ""}}
-    iterations = getattr(after_training_options(config.prune.method, config.prune.options), "iterations", 0)
-    if iterations:
-        changes["train"] = {"iterations": iterations, "epochs": 0.0}
-    return config.replace(**changes)
+    parent), and for lwc its options' retraining length and learning rate."""
+    options = after_training_options(config.prune.method, config.prune.options)
+    train: dict[str, Any] = {"lr": config.train.lr * getattr(options, "lr_factor", 1.0)}
+    if getattr(options, "iterations", 0):
+        train |= {"iterations": options.iterations, "epochs": 0.0}
+    return config.replace(prune={"sparsity": sparsity, "reinit": ""}, train=train)
 
 
 def _round_key(config: RunConfig, sparsity: float, parent_key: str) -> str:

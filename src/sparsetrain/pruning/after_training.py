@@ -44,6 +44,8 @@ class LwcOptions:
 
     iterations: int = field(default=0, metadata={"help": "retraining iterations of each round (0: the "
                                                          "config's own training length)"})
+    lr_factor: float = field(default=1.0, metadata={"help": "retraining learning rate / train.lr (Han et al. "
+                                                            "retrain at 1/10 to 1/100 of the original rate)"})
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,13 @@ def after_training_options(method: str, values: Mapping[str, Any] | Any | None =
     """``method``'s options as its dataclass, checked (unknown keys and wrong types raise
     :class:`SparsetrainError` naming the valid keys), and their ranges."""
     opts = build_options(AFTER_TRAINING[method].options, values, "option", f"of pruning method {method!r}")
-    if isinstance(opts, LwcOptions) and opts.iterations < 0:
-        raise SparsetrainError(f"option 'iterations' of pruning method 'lwc' must be >= 0 (0: the config's "
-                               f"training length); got {opts.iterations}")
+    if isinstance(opts, LwcOptions):
+        if opts.iterations < 0:
+            raise SparsetrainError(f"option 'iterations' of pruning method 'lwc' must be >= 0 (0: the config's "
+                                   f"training length); got {opts.iterations}")
+        if not (math.isfinite(opts.lr_factor) and opts.lr_factor > 0):
+            raise SparsetrainError(f"option 'lr_factor' of pruning method 'lwc' multiplies train.lr for retraining "
+                                   f"and must be a positive number (Han et al.: 0.1 to 0.01); got {opts.lr_factor}")
     if isinstance(opts, LotteryOptions):
         if not (math.isfinite(opts.fraction) and 0.0 < opts.fraction < 1.0):
             raise SparsetrainError(f"option 'fraction' of pruning method 'lottery' is the fraction of the remaining "
