@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 
+from sparsetrain import fsio
 from sparsetrain.cli.main import main
 from sparsetrain.config import RunConfig
 from sparsetrain.errors import SparsetrainError
@@ -264,3 +265,19 @@ def test_a_dense_parent_another_process_trains_is_waited_for_not_refused(tmp_pat
     threading.Timer(0.3, held.release).start()
     outcome = run(config, store=store, progress=None)  # wait=False: only the config's own run is refused
     assert outcome.status == "finished" and store.get(outcome.key).parent == dense_key
+
+
+def test_a_full_disk_at_the_rewind_point_fails_the_dense_run_resumably(tmp_path):
+    config = tiny("lottery", 0.2, iterations=20, rewind=10)  # one round
+    dense_key = config.replace(prune={"method": "dense", "sparsity": 0.0, "options": {}}).key()
+    reference = RunStore(tmp_path / "reference")
+    run(config, store=reference, progress=None)
+    store = RunStore(tmp_path / "full")
+    with fsio.simulate_full_disk("checkpoint"), pytest.raises(SparsetrainError) as err:
+        run(config, store=store, progress=None)
+    assert "cannot write the checkpoint" in str(err.value) and "weights-10.safetensors" in str(err.value)
+    assert store.get(dense_key).status == "failed" and store.get(config.key()) is None
+    run(config, store=store, progress=None)  # the disk has room again: the same result
+    assert torch.equal(load_state(store.root / "runs" / dense_key / "weights-10.safetensors")["model"]["1.weight"],
+                       load_state(reference.root / "runs" / dense_key / "weights-10.safetensors")["model"]["1.weight"])
+    assert torch.equal(final_model(store, config.key())["1.weight"], final_model(reference, config.key())["1.weight"])
