@@ -48,6 +48,7 @@ import torch
 
 from .config import RunConfig
 from .errors import SparsetrainError
+from .inspect_run import CHECKPOINT_FILE
 from .masks import Mask, prunable_set
 from .pipeline import DENSE, build, init_under_mask, train_stage
 from .pruning.after_training import after_training_options, after_training_sparsities, magnitude_mask
@@ -57,13 +58,14 @@ from .store import TERMINAL_STATUSES, RunStatus, RunStore
 from .train.loop import Callback
 from .train.optim import total_iterations
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
-
 
 def dense_parent(config: RunConfig) -> RunConfig:
-    """The dense run an lwc or lottery config prunes: the config with method ``dense`` and the
-    pruning settings that mean nothing to a dense run at their defaults (sparsity 0, no options,
-    one round, global scope); ``prune.reinit`` stays (it changes what the dense run trains)."""
+    """The dense run an lwc or lottery config prunes: the config with method ``dense``, and the
+    settings of how to prune at what a dense recipe holds (sparsity 0, no options, one round,
+    global scope), so that lwc at 90% and lottery at 99% prune one dense run. The rest stays as
+    given: ``prune.reinit`` changes what the dense run trains, and ``include_biases``, ``batches``
+    and ``exclude`` are part of a dense recipe's key (the SNIP recipes' dense rows hold
+    ``include_biases = true``), so changing them trains another dense run."""
     return config.replace(prune={"method": DENSE, "sparsity": 0.0, "options": {}, "rounds": 1,
                                  "round_schedule": "exponential", "scope": "global"})
 
