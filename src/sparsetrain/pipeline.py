@@ -34,7 +34,9 @@ from .mask_stats import layer_costs
 from .masks import GradientMask, Mask, apply_mask_, mask_summary
 from .models import MODELS, check_model_args, create_model
 from .pruning import METHODS, method_options, prune_at_init
-from .pruning.after_training import AFTER_TRAINING, after_training_options, after_training_sparsities
+from .pruning.after_training import (
+    AFTER_TRAINING, after_training_options, after_training_sparsities, check_rewind,
+)
 from .pruning.rounds import SCHEDULES as ROUND_SCHEDULES
 from .pruning.sanity import reinitialize, shuffle_layerwise
 from .pruning.select import SCOPES, check_sparsity
@@ -125,12 +127,8 @@ def validate_after_training(config: RunConfig) -> None:
                              ("shuffle", p.shuffle, "the sanity checks permute masks found at initialization")):
         if value:
             raise SparsetrainError(f"prune.{name} does not apply to method {p.method!r} ({why}); leave it unset")
-    rewind = getattr(options, "rewind", 0)
-    if rewind and t.iterations and rewind > t.iterations:
-        raise SparsetrainError(
-            f"option 'rewind' of pruning method 'lottery' ({rewind}) is past the end of the dense run "
-            f"({t.iterations} iterations): choose an iteration from 0 to {t.iterations}"
-        )
+    if t.iterations and hasattr(options, "rewind"):  # a length in epochs is checked once the data is read
+        check_rewind(options.rewind, t.iterations)
 
 
 def validate_training(t: TrainConfig) -> None:

@@ -51,7 +51,9 @@ from .errors import SparsetrainError
 from .inspect_run import CHECKPOINT_FILE
 from .masks import Mask, prunable_set
 from .pipeline import DENSE, build, init_under_mask, train_stage
-from .pruning.after_training import after_training_options, after_training_sparsities, magnitude_mask
+from .pruning.after_training import (
+    after_training_options, after_training_sparsities, check_rewind, magnitude_mask,
+)
 from .run import RunOutcome, kept_weights_path, run_recorded
 from .state_io import load_state, save_state
 from .store import TERMINAL_STATUSES, RunStatus, RunStore
@@ -104,12 +106,7 @@ def run_after_training(config: RunConfig, *, store: RunStore | None, data_dir: s
     built = build(dense, data_dir=data_dir, device=device, download=download)  # the model the masks cover
     rewind = getattr(options, "rewind", None)
     if rewind is not None:
-        total = total_iterations(dense.train, built.loaders.train.steps_per_epoch)
-        if rewind > total:
-            raise SparsetrainError(
-                f"option 'rewind' of pruning method 'lottery' ({rewind}) is past the end of the dense run "
-                f"({total} iterations): choose an iteration from 0 to {total}"
-            )
+        check_rewind(rewind, total_iterations(dense.train, built.loaders.train.steps_per_epoch))
     def say(text: str) -> None:  # which run is training now (progress None: worker processes, silent)
         if progress is not None:
             print(f"{p.method}: {text}", file=sys.stderr, flush=True)

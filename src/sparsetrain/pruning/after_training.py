@@ -106,6 +106,15 @@ def after_training_options(method: str, values: Mapping[str, Any] | Any | None =
     return opts
 
 
+def check_rewind(rewind: int, total: int) -> None:
+    """Refuse a rewind point past the end of a dense run of ``total`` iterations."""
+    if rewind > total:
+        raise SparsetrainError(
+            f"option 'rewind' of pruning method 'lottery' ({rewind}) is past the end of the dense run "
+            f"({total} iterations): choose an iteration from 0 to {total}"
+        )
+
+
 def lottery_sparsities(sparsity: float, fraction: float, max_rounds: int | None = None) -> list[float]:
     """The sparsity after each round when every round prunes ``fraction`` of the remaining weights,
     as many rounds as reach ``sparsity``; the last round prunes to exactly ``sparsity``. More rounds
