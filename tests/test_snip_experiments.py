@@ -111,3 +111,42 @@ def test_table3_runs_a_network_row_end_to_end(tmp_path, mnist_root):
     assert sorted(r.config["init"] for r in runs) == sorted(
         ["normal:std=0.1", "truncated-normal:std=0.1", "variance-scaling:mode=fan_avg", "variance-scaling:scale=2"])
     assert (tmp_path / "t3.png").exists()
+
+
+def test_sparsity_grid_has_every_method_and_the_papers_range():
+    from sparsetrain.experiments import snip_sparsity as sp
+    from sparsetrain.pipeline import validate
+    from sparsetrain.pruning import METHODS
+
+    at_init = {"snip", "random", "magnitude", "grasp", "synflow", "iter-snip", "force"}
+    assert at_init <= set(METHODS.list())
+    cells = {(c.info["network"], c.info["method"], c.info["sparsity"]): c.config() for c in sp.CELLS}
+    for network in ("lenet-300-100", "lenet-5-caffe"):
+        methods = {m for n, m, _ in cells if n == network}
+        after = {"lwc", "lottery"} if network == "lenet-300-100" else set()
+        assert methods == at_init | after | {"dense"}
+        assert {s for n, m, s in cells if n == network and m == "snip"} == {0.90, 0.95, 0.97, 0.98, 0.99}
+    for config in cells.values():
+        validate(config)
+    assert cells["lenet-300-100", "snip", 0.99].train.iterations == 60_000
+    short = cells["lenet-5-caffe", "grasp", 0.95].train
+    assert (short.iterations, short.decay_every) == (10_000, 8_333)  # 30,000 x0.1 every 25,000, compressed
+
+
+def test_sparsity_runs_lwc_on_the_dense_cells_run(tmp_path, mnist_root):
+    from sparsetrain.experiments import snip_sparsity as sp
+
+    out, store = tmp_path / "sp.md", tmp_path / "store"
+    rows = ["snip-sparsity-lenet-300-100-dense", "snip-sparsity-lenet-300-100-snip-95",
+            "snip-sparsity-lenet-300-100-lwc-95", "snip-sparsity-lenet-5-caffe-synflow-99"]
+    assert main(["reproduce", "snip-sparsity", "--rows", *rows, "--seeds", "0", "--iterations", "5",
+                 "--data-dir", str(mnist_root), "--store", str(store), "--out", str(out), "--no-progress"]) == 0
+    text = out.read_text()
+    assert "## lenet-300-100" in text and "## lenet-5-caffe" in text and "| lwc | " in text
+    dense_key = next(c for c in sp.CELLS if c.name == rows[0]).config().replace(seed=0)
+    dense_key = g.shorten(dense_key, 5).key()
+    runs = RunStore(store).list()
+    lwc = [r for r in runs if r.config["prune"]["method"] == "lwc"]
+    assert len(lwc) == 1 and lwc[0].parent == dense_key  # one dense run, pruned by lwc
+    assert sum(r.config["prune"]["method"] == "dense" for r in runs) == 1
+    assert (tmp_path / "sp.png").exists()

@@ -4,7 +4,7 @@ Add one with a file here that registers ``reproduce(options)`` in :data:`EXPERIM
 import below; ``sparsetrain reproduce NAME`` then runs it.
 """
 
-from . import snip_memorization, snip_prune_batch, snip_table1, snip_table2, snip_table3, snip_visualize, structured_cost  # noqa: F401  (importing the experiments registers them)
+from . import snip_memorization, snip_prune_batch, snip_sparsity, snip_table1, snip_table2, snip_table3, snip_visualize, structured_cost  # noqa: F401  (importing the experiments registers them)
 from .common import EXPERIMENTS, ReproduceOptions
 
 __all__ = ["EXPERIMENTS", "ReproduceOptions"]

@@ -43,14 +43,18 @@ class Cell:
     changes: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    length: int | None = None
 
     def config(self) -> RunConfig:
+        """The recipe with the changes, and, where the experiment fits a recipe to this machine
+        (``length``), its length with the schedule compressed (:func:`shorten`): the experiment's
+        own stated recipe, not a shortened reproduction."""
         base = RunConfig.from_toml(recipe_path(self.recipe))
         changes = dict(self.changes)
         for section in ("data_args", "model_args"):  # merged into the recipe's own, not replacing them
             if section in changes:
                 changes[section] = {**getattr(base, section), **changes[section]}
-        return base.replace(**changes, name=self.name)
+        return shorten(base.replace(**changes, name=self.name), self.length)
 
 
 def select(cells: list[Cell], rows: Iterable[str] | None) -> list[Cell]:
