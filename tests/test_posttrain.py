@@ -247,11 +247,14 @@ def test_bad_lottery_settings_are_refused_before_anything_runs(tmp_path, changes
     assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").iterdir())
 
 
-def test_a_rewind_past_a_length_in_epochs_and_a_mask_at_init_are_refused(tmp_path):
+def test_a_rewind_past_the_dense_runs_end_and_a_mask_at_init_are_refused(tmp_path):
     config = tiny("lottery", 0.5, rewind=100).replace(train={"iterations": 0, "epochs": 1.0})  # 540 // 100 steps
     with pytest.raises(SparsetrainError, match=r"past the end of the dense run \(5 iterations\)"):
         run(config, store=tmp_path, progress=None)
     assert RunStore(tmp_path).list() == []  # refused before the dense run began
+    stopped = tiny("lottery", 0.5, rewind=20).replace(train={"goal_error": 0.5})  # stops at its first check, 10
+    with pytest.raises(SparsetrainError, match=r"stopped at iteration 10 \(val_error .*before the rewind point 20"):
+        run(stopped, store=tmp_path, progress=None)
     with pytest.raises(SparsetrainError, match="prunes a trained network"):
         find_mask(tiny("lwc", 0.5), build(tiny("lwc", 0.5)))
 

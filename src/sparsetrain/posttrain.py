@@ -119,6 +119,11 @@ def run_after_training(config: RunConfig, *, store: RunStore | None, data_dir: s
     if outcome.status == RunStatus.INFEASIBLE:
         raise SparsetrainError(f"the dense run {outcome.key} diverged (its weights are not finite), so "
                                f"{p.method} has nothing to prune: lower train.lr")
+    steps_done = outcome.results.get("steps")
+    if rewind is not None and steps_done is not None and steps_done < rewind:
+        raise SparsetrainError(f"the dense run {outcome.key} stopped at iteration {steps_done} "
+                               f"({outcome.results.get('stop_reason') or outcome.status}), before the rewind point "
+                               f"{rewind}: choose a rewind iteration from 0 to {steps_done}")
     start = None if rewind is None else weights_at(store, dense, rewind, data_dir, device, download, progress)
 
     named, left_out = prunable_set(built.model, p.include_biases, None, list(p.exclude) or None)
