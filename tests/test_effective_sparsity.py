@@ -139,21 +139,27 @@ def test_flops_per_example_for_linear_conv_grouped_and_sequence_layers():
     assert costs["2.weight"]["flops"] == 2 * 42  # 2 output positions x 2 * 7 * 3 entries
 
 
-def test_recurrent_models_have_flops_for_their_linear_layers_and_no_effective_sparsity():
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recurrent_models_have_flops_per_step_and_no_effective_sparsity(batch_first):
     class Rnn(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm, self.fc = nn.LSTM(5, 4, batch_first=True), nn.Linear(4, 3)
+            self.lstm, self.fc = nn.LSTM(5, 4, num_layers=2, batch_first=batch_first), nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.fc(self.lstm(x)[0][:, -1])
+            out = self.lstm(x if batch_first else x.transpose(0, 1))[0]
+            return self.fc(out[:, -1] if batch_first else out[-1])
 
     model = Rnn()
     mask = prune_at_init(model, "random", sparsity=0.5)
     assert effective_mask(model, mask, (6, 5)) is None
     costs = layer_costs(model, mask, (6, 5))
     assert costs["fc.weight"]["flops"] == 12 and costs["fc.weight"]["effective_sparsity"] is None
-    assert costs["lstm.weight_ih_l0"] == {"flops": None, "flops_kept": None, "effective_sparsity": None}
+    # 6 time steps, every gate at once: weight_ih_l0 is (16, 5), weight_hh_l* and weight_ih_l1 (16, 4)
+    for name, entries in [("weight_ih_l0", 16 * 5), ("weight_hh_l0", 16 * 4), ("weight_ih_l1", 16 * 4)]:
+        kept = int(mask[f"lstm.{name}"].sum())
+        assert costs[f"lstm.{name}"] == {"flops": 6 * entries, "flops_kept": 6 * kept, "effective_sparsity": None}
+    assert costs["lstm.bias_ih_l0"]["flops"] is None
 
 
 def test_a_bad_input_shape_is_refused():

@@ -5,8 +5,10 @@ one input of the model's input shape: a Linear layer costs out * in per position
 for a flat input, one per token or time step otherwise), a convolution costs its output positions
 times its kernel entries (out channels * in channels / groups * kernel size). ``flops`` is the
 dense layer's cost, ``flops_kept`` that of its kept weights (positions * kept entries): what a
-sparse kernel that skips the zeros would compute. Only Linear and convolution weights have FLOPs
-here; other tensors (biases, recurrent and attention weights, embeddings) show none ("-").
+sparse kernel that skips the zeros would compute. Recurrent layers (``nn.RNN``/``nn.LSTM``/``nn.GRU``)
+cost each input-to-hidden and hidden-to-hidden weight matrix its entries once per time step (all
+gates at once: a (4h, in) LSTM matrix is 4h * in a step). Other tensors (biases, attention
+weights, embeddings) show none ("-").
 
 **Effective sparsity** (Frankle et al. 2021; Vysogorets and Kempe 2021): a kept connection is
 useless when no path through kept connections joins it to the input and to the output, e.g. every
@@ -232,7 +234,17 @@ def _count_flops(model: nn.Module, params: dict[str, nn.Parameter], mask: dict[s
                 else output.numel() // module.weight.shape[0]
             positions[id(module)] = positions.get(id(module), 0) + per
 
+    steps: dict[int, int] = {}
+
+    def rnn_hook(module, inputs, output):
+        x = inputs[0]
+        if isinstance(x, torch.Tensor):  # a packed sequence has no plain length
+            steps[id(module)] = steps.get(id(module), 0) + (x.shape[1] if module.batch_first and x.dim() == 3
+                                                           else x.shape[0])
+
+    recurrent = _recurrent_weights(model, params)
     handles = [m.register_forward_hook(hook) for m in {id(m): m for m in owners.values()}.values()]
+    handles += [m.register_forward_hook(rnn_hook) for m in {id(m): m for m in recurrent.values()}.values()]
     was_training = model.training
     try:
         p0 = next(iter(params.values()), None)
@@ -248,13 +260,25 @@ def _count_flops(model: nn.Module, params: dict[str, nn.Parameter], mask: dict[s
         for h in handles:
             h.remove()
     out = {}
-    for name, module in owners.items():
-        if id(module) not in positions:
+    for name, module in [*owners.items(), *recurrent.items()]:
+        per = positions.get(id(module)) if name in owners else steps.get(id(module))
+        if per is None:
             continue
-        per = positions[id(module)]
         p = params[name]
         kept = p.numel() if mask.get(name) is None else int(mask[name].sum())
         out[name] = (per * p.numel(), per * kept)
+    return out
+
+
+def _recurrent_weights(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """``{name: recurrent module}`` for the weight matrices of nn.RNN/nn.LSTM/nn.GRU layers."""
+    by_id = {id(p): n for n, p in params.items()}
+    out = {}
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase):
+            for attr, p in module.named_parameters(recurse=False):
+                if attr.startswith(("weight_ih_l", "weight_hh_l")) and id(p) in by_id:
+                    out.setdefault(by_id[id(p)], module)
     return out
 
 
