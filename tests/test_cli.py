@@ -234,3 +234,20 @@ def test_reproduce_unknown_row(capsys, tmp_path):
                        "--out", tmp_path / "t.md")
     assert code == 2 and "nosuch" in err
     assert not (tmp_path / "t.md").exists()
+
+
+def test_output_piped_into_a_reader_that_has_gone_ends_quietly():
+    """`sparsetrain runs show KEY | head -1`: the reader closes the pipe; the command ends without
+    a traceback (exit 128 + SIGPIPE), as Unix tools do. Here the pipe's read end is closed before
+    the command starts, so its first write fails."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "sparsetrain.cli.main", "list", "models"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141

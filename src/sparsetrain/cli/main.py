@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded beside results
     try:
         request_threads(getattr(args, "threads", None))  # --threads, where the command has it
-        return commands.COMMANDS[args.command][2](args) or 0
+        code = commands.COMMANDS[args.command][2](args) or 0
+        sys.stdout.flush()  # a closed pipe fails here, inside the handler below, not at exit
+        return code
     except SparsetrainError as err:
         print(f"sparsetrain {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         # the shell's convention: 128 + the signal's number (SIGTERM 15, SIGINT 2)
         return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+    except BrokenPipeError:
+        # the reader went away (`sparsetrain runs show KEY | head`): nothing is wrong with the
+        # command; point stdout at /dev/null so that the interpreter's final flush stays silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
