@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparsetrain.config import TrainConfig
+from sparsetrain.config import RunConfig, TrainConfig
 from sparsetrain.data.loaders import EvalLoader, Loaders, TrainStream
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.masks import GradientMask, apply_mask_
-from sparsetrain.study.lipschitz import (GAMMAS, LipschitzCallback, full_batch_gradient, plot_lipschitz,
-                                         training_chunks)
+from sparsetrain.study.lipschitz import (GAMMAS, LipschitzCallback, along_training, full_batch_gradient,
+                                         plot_lipschitz, training_chunks)
 from sparsetrain.train.loop import train
 
 N, D = 37, 5
@@ -191,6 +191,8 @@ def test_bad_chunks_are_refused():
     x, y = _data()
     with pytest.raises(SparsetrainError, match="chunk size"):
         training_chunks(TrainStream(x, y, 4), 0)
+    with pytest.raises(SparsetrainError, match="examples must be a whole number from 1 to the training split's 37"):
+        training_chunks(TrainStream(x, y, 4), 10, examples=38)
     with pytest.raises(SparsetrainError, match="at least one example"):
         full_batch_gradient(Regression(), [], loss_fn=half_square)
 
@@ -199,3 +201,13 @@ def test_the_plot_is_written(tmp_path):
     path = plot_lipschitz({0.0: [(1000, 2.0), (2000, 1.5)], 0.9: [(1000, 4.0), (2000, float("nan"))]},
                           tmp_path / "lipschitz.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_along_training_measures_a_pruned_run_through_the_pipeline(tmp_path):
+    config = RunConfig(model="mlp-tiny", dataset="synthetic", name="tiny").replace(
+        prune={"sparsity": 0.9}, train={"iterations": 6, "batch_size": 32, "val_every": 0, "checkpoint_every": 0})
+    values, result = along_training(config, every=3, chunk=128, examples=256, data_dir=tmp_path)
+    assert [s for s, _ in values] == [3, 6] and result.steps == 6
+    assert all(math.isfinite(v) and v > 0 for _, v in values)
+    with pytest.raises(SparsetrainError, match="train.execution = 'dense'"):
+        along_training(config.replace(train={"execution": "sparse"}), data_dir=tmp_path)

@@ -50,8 +50,8 @@ from sparsetrain.batches import batch_size_of, forward_loss
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.train.loop import Callback
 
-__all__ = ["GAMMAS", "LipschitzCallback", "full_batch_gradient", "lipschitz_between", "plot_lipschitz",
-           "training_chunks"]
+__all__ = ["GAMMAS", "LipschitzCallback", "along_training", "full_batch_gradient", "lipschitz_between",
+           "plot_lipschitz", "training_chunks"]
 
 GAMMAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
 """The interpolation points, effect-dps-public's ``linspace(0, 1, 10, endpoint=False)[1:]``."""
@@ -59,15 +59,23 @@ GAMMAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 10))
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def training_chunks(train, size: int = 1000):
+def training_chunks(train, size: int = 1000, examples: int | None = None):
     """The whole training set of a :class:`~sparsetrain.data.loaders.TrainStream` in fixed order,
     ``size`` examples at a time (the last chunk smaller), without its augmentation: the chunks a
-    full-batch gradient is summed over (effect-dps-public uses 1,000)."""
+    full-batch gradient is summed over (effect-dps-public uses 1,000). ``examples``: only the
+    first this many (a cheaper, approximate "full" batch, for machines where ten passes over the
+    whole set per measurement are too slow; None: all, as the original)."""
     from sparsetrain.data.loaders import EvalLoader
 
-    if size < 1:
-        raise SparsetrainError(f"the chunk size of a full-batch gradient must be >= 1 example, got {size}")
-    return EvalLoader(train.x, train.y, size, device=train.x.device, prepare=train.prepare)
+    if not isinstance(size, int) or size < 1:
+        raise SparsetrainError(f"the chunk size of a full-batch gradient must be >= 1 example, got {size!r}")
+    if examples is not None and (not isinstance(examples, int) or not 1 <= examples <= train.num_examples):
+        raise SparsetrainError(
+            f"examples must be a whole number from 1 to the training split's {train.num_examples}, got {examples!r} "
+            "(None: every training example)"
+        )
+    stop = train.num_examples if examples is None else examples
+    return EvalLoader(train.x[:stop], train.y[:stop], size, device=train.x.device, prepare=train.prepare)
 
 
 def _masked_parameters(model: torch.nn.Module, mask: Mapping[str, torch.Tensor] | None):
@@ -181,6 +189,29 @@ class LipschitzCallback(Callback):
             if self.on_value is not None:
                 self.on_value(step, value)
         return None
+
+
+def along_training(config, *, every: int = 1000, chunk: int = 1000, examples: int | None = None,
+                   data_dir: str | Path | None = None, device=None, progress: bool = False):
+    """Train ``config`` (a :class:`sparsetrain.config.RunConfig`: pruned, initialised and trained
+    by the pipeline's stages, not recorded in a store) with a :class:`LipschitzCallback`; return
+    ``(values, result)``: the ``[(step, L)]`` measured every ``every`` steps over the training
+    split in chunks of ``chunk`` (its first ``examples`` only, if given) and the
+    :class:`~sparsetrain.train.loop.TrainResult`. What the original does with ``--check_lipschitz``."""
+    from sparsetrain.pipeline import build, find_mask, init_under_mask, train_stage, validate
+
+    if config.train.execution != "dense":
+        raise SparsetrainError(
+            f"the Lipschitz measurement needs train.execution = 'dense' (it moves the weights of the network "
+            f"as built), got {config.train.execution!r}"
+        )
+    validate(config)
+    built = build(config, data_dir=data_dir, device=device)
+    mask = find_mask(config, built)
+    model, hooks = init_under_mask(config, built, mask)
+    callback = LipschitzCallback(model, training_chunks(built.loaders.train, chunk, examples), every=every, mask=mask)
+    result = train_stage(config, built, model, hooks, mask, progress=progress, callbacks=[callback])
+    return callback.values, result
 
 
 def plot_lipschitz(curves: Mapping[float, Sequence[tuple[int, float]]], path: str | Path, *, title: str = "") -> Path:
