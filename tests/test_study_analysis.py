@@ -169,6 +169,13 @@ def test_report_writes_the_tables_the_figures_and_the_json(tmp_path):
     assert data["lipschitz"]["0.9"] == [[1000, 6.0], [2000, 5.0]]
 
 
+def test_report_on_a_study_where_nothing_reached_the_goal(tmp_path):
+    outcomes = [_trial(b, 0.0, i, status) for b in (8, 64) for i, status in enumerate(("incomplete", "infeasible"))]
+    text = report(outcomes, tmp_path)
+    assert "| 0 | 8 | - | 0 / 2 | 1 | - | - | - |" in text and "fewer than 2 with a K*" in text
+    assert json.loads((tmp_path / "report.json").read_text())["workloads"]["mnist/simple_cnn/sgd"]["fits"] == {"0": None}
+
+
 def test_report_refuses_no_outcomes_and_keeps_old_files_on_a_full_disk(tmp_path):
     with pytest.raises(SparsetrainError, match="no trial outcomes"):
         report([], tmp_path)

@@ -245,7 +245,7 @@ def plot_k_star(study_points: Sequence[Point], line_fits: Mapping[tuple[str, flo
         ax.set_xlabel("batch size B")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        if lines:
+        if ax.get_legend_handles_labels()[0]:  # nothing reached the goal: no lines, no legend
             ax.legend(fontsize=7)
     raw.set_title(title or "K* (dashed: c1/B + c2; diamond: c1/c2)", fontsize=8)
     normalised.set_title("normalised", fontsize=8)
