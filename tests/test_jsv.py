@@ -65,6 +65,28 @@ def test_layerwise_mlp_tanh_is_d_times_w_by_hand():
         h = torch.tanh(pre)
 
 
+def test_layerwise_linear_batch_norm_tanh_by_hand_and_pooling_ends_a_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2)
+    model[1].weight.data.uniform_(0.5, 2)
+    x = torch.randn(6, 5)
+    result = layerwise_jsv(model, x)
+    assert result["0"].layer == "Linear(5->4) + BatchNorm1d + Tanh"
+    bn = model[1]
+    w = model[0].weight.detach().double()
+    scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double()
+    pre = ((x.double() @ w.T + model[0].bias.detach().double()) - bn.running_mean.double()) * scale \
+        + bn.bias.detach().double()
+    d = 1 - torch.tanh(pre) ** 2
+    expected = torch.stack([torch.linalg.svdvals(torch.diag(d[i] * scale) @ w) for i in range(6)])
+    assert torch.allclose(result["0"].values.reshape(6, -1), expected, atol=1e-5)
+    pooled = layerwise_jsv(nn.Sequential(nn.Conv1d(1, 2, 3), nn.MaxPool1d(2), nn.ReLU(), nn.Flatten(),
+                                         nn.Linear(8, 2)), torch.randn(2, 1, 10))
+    assert pooled["0"].layer == "Conv1d(1->2, k=(3,))"
+
+
 def test_batched_equals_one_example_at_a_time_conv_net():
     torch.manual_seed(0)
     model = create_model("conv-tiny", input_shape=(1, 10, 10), num_classes=3)

@@ -14,14 +14,17 @@ holding recurrent modules (``nn.LSTM``/``nn.GRU``/``nn.RNN``, whose fused kernel
 interact in eval mode, so the gradient of the batch's summed logit k is every example's row k).
 
 **Layerwise.** A *layer* is a ``nn.Linear`` or ``nn.Conv1d/2d/3d`` module, in the order the
-forward pass runs them, together with the elementwise activation module (``nn.ReLU``,
-``nn.Tanh``, ``nn.Identity``, ...) that the forward pass applies to its output next, if any. Its
-Jacobian J^{l-1,l} = dx^l / dx^{l-1} is the Jacobian of activation(layer(input)) at the input the
-layer received; for a fully connected layer it is D^l W^l, D^l the diagonal of the activation's
-derivative at the pre-activation, so an ``nn.Sequential`` MLP (``mlp-7``, ``lenet-300-100``)
-gives exactly the paper's D W. An activation applied as a function inside ``forward``
-(``F.relu(x)``) is invisible to module hooks: such a layer's Jacobian is the affine map alone
-(W for a Linear layer). Layers whose per-example Jacobian has at most ``exact_limit`` entries are
+forward pass runs them, together with the modules the forward pass applies to its output next
+that act on each entry (or channel) alone: batch-norm (in eval mode a per-channel affine map) and
+elementwise activations (``nn.ReLU``, ``nn.Tanh``, ``nn.Identity``, ...), as long as each takes
+the previous one's output. Its Jacobian J^{l-1,l} = dx^l / dx^{l-1} is the Jacobian of
+activation(layer(input)) at the input the layer received; for a fully connected layer it is
+D^l W^l, D^l the diagonal of the activation's derivative at the pre-activation, so an
+``nn.Sequential`` MLP (``mlp-7``, ``lenet-300-100``) gives exactly the paper's D W (and a
+conv + batch-norm + ReLU block of ``vgg-like`` is one layer). Pooling ends a layer: the next
+layer's Jacobian starts at its own input. An activation applied as a function inside
+``forward`` (``F.relu(x)``) is invisible to module hooks: such a layer's Jacobian is the affine
+map alone (W for a Linear layer). Layers whose per-example Jacobian has at most ``exact_limit`` entries are
 exact (the matrix built by autograd, then its singular values); larger ones (convolutions on
 real image sizes) are estimated matrix-free by Lanczos on J^T J (or J J^T, the smaller side),
 whose matrix-vector products are one ``jvp`` and one ``vjp``: see :func:`lanczos_extremes`.
@@ -72,6 +75,8 @@ ELEMENTWISE = (
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign,
     nn.Tanhshrink, nn.LogSigmoid,
 )
+# Modules that may follow a layer and belong to it: elementwise, or per channel (batch-norm in eval mode).
+FOLLOWERS = (*ELEMENTWISE, nn.modules.batchnorm._BatchNorm)
 EXACT_LIMIT = 2**22  # entries of one example's layer Jacobian (16 MiB in float32) computed exactly
 
 
@@ -310,7 +315,7 @@ def _record_calls(model: nn.Module, x: torch.Tensor) -> list[_Call]:
     """Every call of a weight layer, a recurrent module or an elementwise activation during one
     forward pass, in execution order, with its input and output."""
     calls: list[_Call] = []
-    watched = (*WEIGHT_LAYERS, *RECURRENT, *ELEMENTWISE)
+    watched = (*WEIGHT_LAYERS, *RECURRENT, *FOLLOWERS)
 
     def hook(name):
         def record(module, args, output):
@@ -364,17 +369,18 @@ def layerwise_jsv(model: nn.Module, batch: Any, *, exact_limit: int = EXACT_LIMI
         results: dict[str, JSVStats] = {}
         seen: dict[str, int] = {}
         for i, call in enumerate(calls):
-            if isinstance(call.module, ELEMENTWISE):
+            if isinstance(call.module, FOLLOWERS):
                 continue
             seen[call.name] = seen.get(call.name, 0) + 1
             name = call.name if seen[call.name] == 1 else f"{call.name}#{seen[call.name]}"
             if isinstance(call.module, RECURRENT):
                 results.update(_recurrent_jsv(name, call))
                 continue
-            act = None
-            if i + 1 < len(calls) and isinstance(calls[i + 1].module, ELEMENTWISE) and calls[i + 1].input is call.output:
-                act = calls[i + 1].module
-            results[name] = _layer_jsv(call, act, exact_limit, lanczos_steps, probes, seed, chunk_size)
+            chain, j = [], i + 1
+            while j < len(calls) and isinstance(calls[j].module, FOLLOWERS) and calls[j].input is calls[j - 1].output:
+                chain.append(calls[j].module)  # each takes the previous one's output
+                j += 1
+            results[name] = _layer_jsv(call, chain, exact_limit, lanczos_steps, probes, seed, chunk_size)
     if not results:
         kinds = ", ".join(t.__name__ for t in (*WEIGHT_LAYERS, *RECURRENT))
         raise SparsetrainError(f"the model ran no layer whose Jacobian layerwise_jsv knows ({kinds}); "
@@ -382,16 +388,20 @@ def layerwise_jsv(model: nn.Module, batch: Any, *, exact_limit: int = EXACT_LIMI
     return results
 
 
-def _layer_fn(module: nn.Module, act: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    return (lambda u: act(module(u))) if act is not None else module
+def _layer_fn(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def g(u):
+        for m in modules:
+            u = m(u)
+        return u
+    return g
 
 
-def _layer_jsv(call: _Call, act: nn.Module | None, exact_limit: int, steps: int, probes: int, seed: int,
+def _layer_jsv(call: _Call, chain: list[nn.Module], exact_limit: int, steps: int, probes: int, seed: int,
                chunk_size: int | None) -> JSVStats:
-    g = _layer_fn(call.module, act)
+    g = _layer_fn([call.module, *chain])
     u = call.input  # (B, *in)
     n_in, n_out = u[0].numel(), call.output[0].numel()
-    what = _describe(call.module) + (f" + {type(act).__name__}" if act is not None else "")
+    what = " + ".join([_describe(call.module), *(type(m).__name__ for m in chain)])
     if n_in * n_out <= exact_limit:
         jac = layer_jacobians(g, u, chunk_size=chunk_size)
         return JSVStats.from_values(singular_values(jac), layer=what)
