@@ -140,6 +140,9 @@ class PruneConfig:
     shuffle: bool = later(False, "sanity check (Frankle et al. 2021): permute the found mask within each "
                                  "tensor (same per-layer counts, random positions, from the run's seed)",
                           flag="shuffle-mask")
+    isometry: bool = later(False, "after the mask is applied to the weights that train, make each kept layer "
+                                  "approximately an isometry (Lee et al. 2020: min ||W^T W - I|| over the kept "
+                                  "weights; sparsetrain.signal.isometry)")
 
     def __post_init__(self):
         check_ranges(self)

@@ -41,6 +41,7 @@ from .pruning.rounds import SCHEDULES as ROUND_SCHEDULES
 from .pruning.sanity import reinitialize, shuffle_layerwise
 from .pruning.select import SCOPES, check_sparsity
 from .pruning.structured import parse_structure, structured_sparsity
+from .signal.isometry import approximate_isometry_
 from .threads import training_threads
 from .train.loop import DIVERGE_CHOICES, Callback, TrainResult, resolve_device, train
 from .train.optim import OPTIMIZERS, SCHEDULES
@@ -72,6 +73,7 @@ class Built:
     loaders: Loaders
     model: nn.Module
     device: torch.device
+    isometry: dict[str, Any] | None = None  # init_under_mask's approximate-isometry summary (prune.isometry)
 
 
 def validate(config: RunConfig, training: bool = True) -> None:
@@ -124,7 +126,9 @@ def validate_after_training(config: RunConfig) -> None:
     options = after_training_options(p.method, p.options)
     after_training_sparsities(p.method, p.sparsity, options, p.rounds, p.round_schedule)
     for name, value, why in (("structure", p.structure, "they select single weights by magnitude"),
-                             ("shuffle", p.shuffle, "the sanity checks permute masks found at initialization")):
+                             ("shuffle", p.shuffle, "the sanity checks permute masks found at initialization"),
+                             ("isometry", p.isometry, "it reshapes the weights at initialization, and these methods "
+                                                      "prune trained ones")):
         if value:
             raise SparsetrainError(f"prune.{name} does not apply to method {p.method!r} ({why}); leave it unset")
     if t.iterations and hasattr(options, "rewind"):  # a length in epochs is checked once the data is read
@@ -229,16 +233,21 @@ def find_mask(config: RunConfig, built: Built) -> Mask | None:
 
 def init_under_mask(config: RunConfig, built: Built, mask: Mask | None) -> tuple[nn.Module, list]:
     """The model that trains and its hooks: a fresh draw of ``prune.reinit`` if set (snip-public
-    trains another set of weights than it scored), the mask applied, and either a
-    :class:`GradientMask` (dense execution) or the pruned Linear layers swapped for sparse ones
-    (``train.execution = "sparse"``; the other masked parameters keep a GradientMask)."""
+    trains another set of weights than it scored), the mask applied, with ``prune.isometry`` the
+    kept weights made approximately an isometry (:func:`sparsetrain.signal.isometry.approximate_isometry_`,
+    its summary left in ``built.isometry``; without a mask every prunable weight matrix, fully kept),
+    and either a :class:`GradientMask` (dense execution) or the pruned Linear layers swapped for
+    sparse ones (``train.execution = "sparse"``; the other masked parameters keep a GradientMask)."""
     model = built.model
     if config.prune.reinit:
         reinitialize(model, config.prune.reinit, config.seed + 1)  # snip-public's separate weights
+    if mask is not None:
+        mask = {n: m.to(built.device) for n, m in mask.items()}
+        apply_mask_(model, mask)
+    if config.prune.isometry:  # Lee et al. 2020: repair signal propagation on the weights that train
+        built.isometry = approximate_isometry_(model, mask).summary()
     if mask is None:
         return model, []
-    mask = {n: m.to(built.device) for n, m in mask.items()}
-    apply_mask_(model, mask)
     if config.train.execution == "sparse":
         from .sparse.training import sparsify_for_training_
 

@@ -257,6 +257,8 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
     result = train_stage(config, built, model, hooks, mask, progress=progress, on_metrics=on_metrics,
                          checkpoint_path=checkpoint, callbacks=callbacks)
     results = result.as_results() | {"sparsity": overall(mask), "device": str(built.device)}
+    if built.isometry is not None:  # prune.isometry: what approximate isometry did (small: sums, per-layer penalty)
+        results["isometry"] = built.isometry
     timings = {"prune_seconds": prune_seconds, "train_seconds": result.seconds}
     if store is not None:
         lease.check()
