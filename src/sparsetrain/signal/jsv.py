@@ -238,6 +238,12 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the device of the model's parameters (a loader's CPU batch for a GPU model)."""
+    p = next(model.parameters(), None)
+    return x if p is None or x.device == p.device else x.to(p.device)
+
+
 def _has_recurrent(model: nn.Module) -> bool:
     return any(isinstance(m, nn.RNNBase) for m in model.modules())
 
@@ -261,6 +267,7 @@ def input_output_jacobians(model: nn.Module, x: torch.Tensor, *, chunk_size: int
     """Each example's Jacobian of the logits with respect to its input, (B, classes, prod(input
     shape)), for one batch ``x`` (B, *input); the model in eval mode. ``chunk_size``: examples per
     ``vmap`` chunk (default: the whole batch at once)."""
+    x = _on_model_device(model, x)
     with _eval_mode(model):
         with torch.no_grad():
             _logits(model, x)  # a clear error for an input the model refuses, before vmap's
@@ -364,6 +371,7 @@ def layerwise_jsv(model: nn.Module, batch: Any, *, exact_limit: int = EXACT_LIMI
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(x) == 0:
         raise SparsetrainError(f"layerwise_jsv needs a non-empty batch of inputs (batch, ...), got "
                                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    x = _on_model_device(model, x)
     with _eval_mode(model):
         calls = _record_calls(model, x)
         results: dict[str, JSVStats] = {}
