@@ -133,6 +133,29 @@ def test_matches_or_beats_the_originals_plain_sgd():
     assert ours <= sgd_penalty
 
 
+def test_sgd_method_is_the_originals_optimiser():
+    """method="sgd" (per matrix, tol=0) takes the same steps as plain SGD lr 0.1 on the sum of
+    the layers' norms, written out here with autograd (the sum's terms depend on one matrix each)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(20, 12), nn.Linear(12, 6))
+    mask = {"0.weight": random_mask((12, 20), 0.6, 1), "1.weight": random_mask((6, 12), 0.6, 2)}
+    with torch.no_grad():
+        for name, m in mask.items():
+            net.get_parameter(name).mul_(m)
+    reference = [net.get_parameter(n).detach().clone().requires_grad_(True) for n in mask]
+    for _ in range(10):  # before the penalty nears its floor, where SGD's fixed-size steps amplify rounding
+        loss = sum(torch.linalg.matrix_norm((w * c) @ (w * c).T - torch.eye(w.shape[0]))
+                   for w, c in zip(reference, mask.values()))
+        grads = torch.autograd.grad(loss, reference)
+        with torch.no_grad():
+            for w, g in zip(reference, grads):
+                w -= 0.1 * g
+    approximate_isometry_(net, mask, method="sgd", steps=10, tol=0)
+    for name, w in zip(mask, reference):
+        assert torch.allclose(net.get_parameter(name).detach(), w.detach(), atol=1e-5)
+
+
 def test_methods_agree_on_a_reachable_case():
     """polar and sgd (the original) optimise the same objective; on a reachable mask all three
     land near an isometry, L-BFGS the closest."""

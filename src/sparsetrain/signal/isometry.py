@@ -141,7 +141,7 @@ class IsometryReport:
 
     def table(self) -> str:
         """A Markdown table, one row per weight tensor and a total."""
-        lines = ["| parameter | shape | Gram | kept | reachable | ||G-I|| before | after | distance | alive | steps | s |",
+        lines = ["| parameter | shape | Gram | kept | reachable | penalty before | after | distance | alive | steps | s |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.layers:
             lines.append(f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.gram}{'' if r.blocks == 1 else f' x{r.blocks}'} "
