@@ -107,6 +107,14 @@ def test_recurrent_input_output_equals_the_loop_and_eval_mode_is_restored():
     assert torch.allclose(stats.values.reshape(4, 3), svd_loop(model, x), atol=1e-6)
 
 
+def test_attention_without_a_vmap_rule_equals_the_loop_without_warnings():
+    torch.manual_seed(0)
+    model = create_model("attention-tiny", input_shape=(4, 6), dim=8, heads=2, num_classes=3).eval()
+    x = torch.randn(3, 4, 6)
+    stats = input_output_jsv(model, x)  # the suite turns torch's vmap fallback warning into an error
+    assert torch.allclose(stats.values.reshape(3, 3), svd_loop(model, x), atol=1e-6)
+
+
 def test_batch_norm_uses_running_statistics_and_mode_comes_back():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))

@@ -9,9 +9,10 @@ numpy's default), max and min, exactly as spp-public's ``check.jacobian_singular
 concatenates the per-example singular values of all batches before ``np.mean`` & co.). The
 Jacobians are built a batch at a time with ``torch.func``: ``vmap`` over the examples of
 ``jacrev`` (one reverse pass per logit, far fewer than one forward pass per input pixel). A model
-holding recurrent modules (``nn.LSTM``/``nn.GRU``/``nn.RNN``, whose fused kernels have no
-``vmap`` rule) gets the same Jacobians from one batched backward pass per logit (examples do not
-interact in eval mode, so the gradient of the batch's summed logit k is every example's row k).
+with an operation that has no ``vmap`` batching rule (the fused kernels of ``nn.LSTM``/``nn.GRU``/
+``nn.RNN``, CPU scaled dot-product attention: tried on one example first) gets the same
+Jacobians from one batched backward pass per logit (examples do not interact in eval mode, so the
+gradient of the batch's summed logit k is every example's row k).
 
 **Layerwise.** A *layer* is a ``nn.Linear`` or ``nn.Conv1d/2d/3d`` module, in the order the
 forward pass runs them, together with the modules the forward pass applies to its output next
@@ -244,8 +245,20 @@ def _on_model_device(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if p is None or x.device == p.device else x.to(p.device)
 
 
-def _has_recurrent(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.RNNBase) for m in model.modules())
+def _vmap_works(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether every operation of the model has a ``vmap`` batching rule: False for recurrent
+    modules (their fused kernels have none), and for a model whose trial on one example makes
+    torch fall back to a per-example loop (its "performance drop" warning, e.g. CPU scaled
+    dot-product attention) or fail."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            _jacobians_vmap(model, x[:1], None)
+        except RuntimeError:
+            return False
+    return not any("batching rule" in str(w.message) for w in caught)
 
 
 def _jacobians_vmap(model: nn.Module, x: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
@@ -263,16 +276,21 @@ def _jacobians_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, 1)  # (B, classes, *input)
 
 
-def input_output_jacobians(model: nn.Module, x: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
+def input_output_jacobians(model: nn.Module, x: torch.Tensor, *, chunk_size: int | None = None,
+                           use_vmap: bool | None = None) -> torch.Tensor:
     """Each example's Jacobian of the logits with respect to its input, (B, classes, prod(input
     shape)), for one batch ``x`` (B, *input); the model in eval mode. ``chunk_size``: examples per
-    ``vmap`` chunk (default: the whole batch at once)."""
+    ``vmap`` chunk (default: the whole batch at once). ``use_vmap``: vmap over examples of jacrev
+    (True) or one batched backward pass per logit (False); default: vmap where every operation
+    of the model has a batching rule (tried on one example)."""
     x = _on_model_device(model, x)
     with _eval_mode(model):
         with torch.no_grad():
             _logits(model, x)  # a clear error for an input the model refuses, before vmap's
             # torch.func's transforms differentiate under no_grad; the weights then build no graph
-            jac = _jacobians_backward(model, x) if _has_recurrent(model) else _jacobians_vmap(model, x, chunk_size)
+            if use_vmap is None:
+                use_vmap = _vmap_works(model, x)
+            jac = _jacobians_vmap(model, x, chunk_size) if use_vmap else _jacobians_backward(model, x)
     return jac.reshape(x.shape[0], jac.shape[1], -1).detach()
 
 
@@ -285,7 +303,7 @@ def input_output_jsv(model: nn.Module, batches: Any, *, max_examples: int | None
     no batches, a mapping batch, or inputs the model refuses."""
     if max_examples is not None and max_examples < 1:
         raise SparsetrainError(f"max_examples must be >= 1, got {max_examples}")
-    parts, seen = [], 0
+    parts, seen, use_vmap = [], 0, None
     for x in _inputs_of(batches):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
             raise SparsetrainError(f"each batch's inputs must be a floating-point tensor (batch, ...); got "
@@ -295,7 +313,12 @@ def input_output_jsv(model: nn.Module, batches: Any, *, max_examples: int | None
             x = x[: max_examples - seen]
         if len(x) == 0:
             continue
-        parts.append(singular_values(input_output_jacobians(model, x, chunk_size=chunk_size)))
+        if use_vmap is None:  # decided once, on the first batch
+            with _eval_mode(model), torch.no_grad():
+                x = _on_model_device(model, x)
+                _logits(model, x)
+                use_vmap = _vmap_works(model, x)
+        parts.append(singular_values(input_output_jacobians(model, x, chunk_size=chunk_size, use_vmap=use_vmap)))
         seen += len(x)
         if max_examples is not None and seen >= max_examples:
             break
