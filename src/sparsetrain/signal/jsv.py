@@ -256,9 +256,13 @@ def _vmap_works(model: nn.Module, x: torch.Tensor) -> bool:
         warnings.simplefilter("always")
         try:
             _jacobians_vmap(model, x[:1], None)
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError, ValueError):
             return False
-    return not any("batching rule" in str(w.message) for w in caught)
+    fallback = [w for w in caught if "batching rule" in str(w.message)]
+    for w in caught:  # the model's own warnings are the caller's
+        if w not in fallback:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return not fallback
 
 
 def _jacobians_vmap(model: nn.Module, x: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
