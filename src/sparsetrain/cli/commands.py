@@ -26,6 +26,7 @@ from ..train.loop import resolve_device
 from ..train.optim import OPTIMIZERS, SCHEDULES
 from .common import add_config_flags, add_env_flags, config_from_args
 from .runs import runs, runs_flags
+from .study import study, study_flags
 
 
 def _store(args) -> Path:
@@ -315,6 +316,7 @@ COMMANDS = {
     "train": ("train with a mask file from `sparsetrain prune`", _train_flags, _train),
     "list": ("list models, data sets, methods, init schemes and recipes", _list_flags, _list),
     "runs": ("the recorded runs: a table, or show, export, delete, check them", runs_flags, runs),
+    "study": ("steps-to-result studies: plan, work (N local workers), status, report", study_flags, study),
     "reproduce": ("reproduce a paper's table with its recipes, several seeds", _reproduce_flags, _reproduce),
     "bench": ("dense against sparse execution: latency per layer and end to end, memory, speed-up vs sparsity",
               _bench_flags, _bench),

@@ -1,0 +1,150 @@
+"""``sparsetrain study``: plan a steps-to-result study, work on it with local worker processes,
+show its progress, report it. Each action is one call into :mod:`sparsetrain.study.engine`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from ..errors import SparsetrainError
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """An aligned markdown pipe table of ``rows`` (dicts) in ``columns``."""
+    cells = [[str(r.get(c, "-")) for c in columns] for r in rows]
+    widths = [max([len(c), 3, *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "| " + " | ".join("-" * w for w in widths) + " |"]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def _dir_flag(p) -> None:
+    p.add_argument("--dir", required=True, help="the study's folder (study.json, optuna.db, runs/)")
+
+
+def _numbers(text: str, kind, what: str) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise SparsetrainError(f"--{what} takes numbers separated by commas (e.g. 2,8,32,128); got {text!r}") from None
+    if not values:
+        raise SparsetrainError(f"--{what} is empty; give one or more values separated by commas")
+    return values
+
+
+def _plan_flags(p) -> None:
+    _dir_flag(p)
+    p.add_argument("--workload", action="append", required=True,
+                   help="a dps-* recipe name or a TOML file with a [study] table (repeat for several)")
+    p.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes, e.g. 2,8,32,128,512")
+    p.add_argument("--sparsities", required=True, help="comma-separated sparsities in [0, 1), 0 = dense, e.g. 0,0.7,0.9")
+    p.add_argument("--trials", type=int, default=100, help="plan points per (batch size, sparsity) (default 100)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="run every trial to the goal or its budget (default: stop once past the point's best K*)")
+    p.add_argument("--heartbeat-interval", type=int, default=60, help="seconds between a running trial's heartbeats")
+    p.add_argument("--grace-period", type=int, default=180,
+                   help="seconds without a heartbeat before a trial's worker counts as dead and the trial is retried")
+
+
+def _plan(args) -> int:
+    from ..study.engine import StudySpec, plan
+    from ..study.workloads import load_workload
+
+    spec = StudySpec(tuple(load_workload(w) for w in args.workload), _numbers(args.batch_sizes, int, "batch-sizes"),
+                     _numbers(args.sparsities, float, "sparsities"), args.trials, not args.no_early_stop,
+                     args.heartbeat_interval, args.grace_period)
+    plan(args.dir, spec)
+    print(f"planned {len(spec.points())} points x {spec.trials} trials in {args.dir}; "
+          f"run them with: sparsetrain study work --dir {args.dir} --workers N")
+    return 0
+
+
+def _work_flags(p) -> None:
+    _dir_flag(p)
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--data-dir", help="data root holding <dataset>/ folders (default $SPARSETRAIN_DATA)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+
+
+def _work(args) -> int:
+    from ..study.engine import work
+
+    result = work(args.dir, args.workers, data_dir=args.data_dir, device=args.device)
+    print(f"{result['finished']} of {result['total']} trials finished")
+    dead = [c for c in result["exit_codes"] if c != 0]
+    if dead:
+        print(f"{len(dead)} worker(s) ended abnormally (exit codes {result['exit_codes']}); their trials were taken over")
+    return 0
+
+
+def _status_flags(p) -> None:
+    _dir_flag(p)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+STATUS_COLUMNS = ("point", "planned", "finished", "complete", "incomplete", "infeasible", "stopped", "running",
+                  "waiting", "failed_attempts", "k_star")
+
+
+def _status(args) -> int:
+    from ..study.engine import status_rows
+
+    rows = status_rows(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_table([{k: ("-" if r[k] is None else r[k]) for k in STATUS_COLUMNS} for r in rows], STATUS_COLUMNS))
+    done, total = sum(r["finished"] for r in rows), sum(r["planned"] for r in rows)
+    print(f"{done} of {total} trials finished ({done / total:.0%})")
+    return 0
+
+
+def _report_flags(p) -> None:
+    _dir_flag(p)
+    p.add_argument("--out", help="folder for the report (default: <dir>/report)")
+
+
+def _report(args) -> int:
+    from ..study.engine import best_trials, outcomes
+
+    found = outcomes(args.dir)
+    out = Path(args.out or Path(args.dir) / "report")
+    if importlib.util.find_spec("sparsetrain.study.analysis") is not None:
+        from ..study import analysis
+
+        if hasattr(analysis, "report"):
+            analysis.report(found, out)
+            print(f"report written to {out}")
+            return 0
+    best = best_trials(found)  # until the analysis exists: K* and the best metaparameters per point
+    points = sorted({o.point for o in found})
+    rows = [{"workload": w, "batch_size": b, "sparsity": s,
+             "trials": sum(o.point == (w, b, s) for o in found),
+             "k_star": best[(w, b, s)].steps_to_result if (w, b, s) in best else "-",
+             "best_plan_index": best[(w, b, s)].plan_index if (w, b, s) in best else "-",
+             "best_params": json.dumps(best[(w, b, s)].params) if (w, b, s) in best else "-"}
+            for w, b, s in points]
+    print(format_table(rows, tuple(rows[0]) if rows else ("workload",)))
+    return 0
+
+
+ACTIONS = {
+    "plan": ("plan a study: the Sobol points of every (workload, batch size, sparsity), enqueued once",
+             _plan_flags, _plan),
+    "work": ("run the study's trials with N local worker processes (a killed worker's trial is retried)",
+             _work_flags, _work),
+    "status": ("progress per point: trials finished by status, running, waiting, K* so far", _status_flags, _status),
+    "report": ("K* per point and the best metaparameters (the analysis: plots and fits)", _report_flags, _report),
+}
+
+
+def study_flags(p) -> None:
+    actions = p.add_subparsers(dest="action", metavar="ACTION", title="actions", required=True)
+    for name, (help_text, add_flags, _) in ACTIONS.items():
+        add_flags(actions.add_parser(name, help=help_text, description=help_text))
+
+
+def study(args) -> int | None:
+    return ACTIONS[args.action][2](args)

@@ -1,0 +1,271 @@
+"""The study engine: trial statuses, early stopping that never changes K*, four worker processes
+with one killed by SIGKILL mid-trial (its trial retried after the heartbeat's grace period, every
+trial recorded once), and a study interrupted mid-trial and between trials that resumes to the
+same outcomes. Tiny workloads: mlp-tiny on the synthetic data set."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.models.registry import MODELS
+from sparsetrain.store import RunStatus, RunStore
+from sparsetrain.study import engine
+from sparsetrain.study.outcome import RUN_STATUS_OF, TRIAL_STATUSES, TrialOutcome, steps_to_result
+from sparsetrain.study.workloads import load_workload
+
+TINY = """
+model = "mlp-tiny"
+dataset = "synthetic"
+seed = 0
+[prune]
+method = "snip"
+sparsity = 0.5
+batches = 1
+[train]
+optimizer = "sgd"
+momentum = 0.0
+weight_decay = 0.0
+schedule = "constant"
+iterations = {iterations}
+batch_size = 32
+checkpoint_every = 20
+[study]
+goal_error = {goal}
+search = ["learning_rate"]
+check_interval = 10
+"""
+
+
+def tiny_workload(tmp_path, goal=0.1, iterations=150, name="tiny", model=None, hard=False):
+    text = TINY.format(goal=goal, iterations=iterations)
+    if model:
+        text = text.replace('"mlp-tiny"', f'"{model}"')
+    if hard:  # 4x4 images: the classes overlap, so no trial reaches a small goal error
+        text = text.replace("seed = 0", "seed = 0\ndata_args = {shape = [1, 4, 4]}")
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return load_workload(path)
+
+
+def spec_of(workload, **changes):
+    settings = {"batch_sizes": (8, 32), "sparsities": (0.5,), "trials": 3, "heartbeat_interval": 1,
+                "grace_period": 3, **changes}
+    return engine.StudySpec((workload,), **settings)
+
+
+def k_stars(outcomes):
+    points = sorted({o.point for o in outcomes})
+    return {p: steps_to_result([o for o in outcomes if o.point == p]) for p in points}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny study run to its end by one in-process worker, with early stopping."""
+    root = tmp_path_factory.mktemp("reference")
+    engine.plan(root / "study", spec_of(tiny_workload(root)))
+    assert engine.work_loop(root / "study") == 6
+    return engine.outcomes(root / "study")
+
+
+# ----------------------------------------------------------------------------- statuses
+
+
+def test_classify_statuses_by_hand():
+    curve = [(10, 0.9), (20, 0.4), (30, 0.08), (40, 0.05)]
+    assert engine.classify(RunStatus.STOPPED, curve, 0.1) == ("complete", 30)  # first check at or below
+    assert engine.classify(RunStatus.STOPPED, curve, 0.08) == ("complete", 30)  # "at" counts
+    assert engine.classify(RunStatus.FINISHED, curve, 0.01) == ("incomplete", None)
+    assert engine.classify(RunStatus.STOPPED, curve[:2], 0.1) == ("stopped", None)
+    assert engine.classify(RunStatus.INFEASIBLE, [(10, 0.9)], 0.1) == ("infeasible", None)
+    with pytest.raises(Exception, match="not an end"):
+        engine.classify(RunStatus.RUNNING, curve[:1], 0.1)
+
+
+def test_every_trial_status_has_one_run_status():
+    assert set(RUN_STATUS_OF) == set(TRIAL_STATUSES)
+    assert set(RUN_STATUS_OF.values()) <= {s.value for s in RunStatus}
+    with pytest.raises(Exception, match="only complete trials reach the goal"):
+        TrialOutcome("w", 8, 0.0, 0, {}, "incomplete", 100, [])
+    with pytest.raises(Exception, match="is not one of"):
+        TrialOutcome("w", 8, 0.0, 0, {}, "done", None, [])
+    o = TrialOutcome("w", 8, 0.5, 2, {"learning_rate": 0.1}, "complete", 30, [(10, 0.5), (20, math.nan), (30, 0.0)])
+    again = TrialOutcome.from_dict(o.to_dict())
+    assert again.curve[0] == (10, 0.5) and math.isnan(again.curve[1][1]) and again.steps_to_result == 30
+
+
+def test_reference_study_records_statuses_curves_and_optuna_states(reference, tmp_path):
+    assert len(reference) == 6 and sorted(o.plan_index for o in reference) == [0, 0, 1, 1, 2, 2]
+    for o in reference:
+        assert o.status in ("complete", "stopped", "incomplete")
+        assert [s for s, _ in o.curve] == list(range(10, 10 * len(o.curve) + 1, 10))  # every check_interval
+        if o.status == "complete":
+            assert o.curve[-1] == (o.steps_to_result, o.curve[-1][1]) and o.curve[-1][1] <= 0.1
+            assert all(e > 0.1 for _, e in o.curve[:-1])
+
+
+class NaNInTraining(nn.Module):
+    """Finite in evaluation, NaN logits in training: every trial diverges at its first loss check."""
+
+    def __init__(self, *, input_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))  # (B, classes)
+        return out * torch.nan if self.training else out
+
+
+MODELS.register("study-test-nan")(NaNInTraining)
+
+
+def test_a_diverging_trial_is_infeasible(tmp_path):
+    workload = tiny_workload(tmp_path, iterations=60, model="study-test-nan")
+    folder = tmp_path / "study"
+    engine.plan(folder, spec_of(workload, batch_sizes=(8,), sparsities=(0.0,), trials=1))
+    engine.work_loop(folder)
+    [o] = engine.outcomes(folder)
+    assert (o.status, o.steps_to_result) == ("infeasible", None)
+    storage = engine.open_storage(folder, engine.load_spec(folder))
+    [t] = optuna.load_study(study_name="tiny/b8/s0", storage=storage).get_trials()
+    assert t.state == optuna.trial.TrialState.COMPLETE and t.value == math.inf
+    [run] = RunStore(folder / "runs").list()
+    assert run.status == RUN_STATUS_OF["infeasible"] == "infeasible"
+    assert run.group_kind == "study" and run.group_name == "study"
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def test_early_stop_never_changes_k_star_or_the_best_trial(reference, tmp_path):
+    folder = tmp_path / "study"
+    engine.plan(folder, spec_of(tiny_workload(tmp_path), early_stop=False))
+    engine.work_loop(folder)
+    full = engine.outcomes(folder)
+    assert "stopped" not in {o.status for o in full}
+    assert k_stars(full) == k_stars(reference)
+    assert all(v is not None for v in k_stars(full).values())
+    best_full, best_early = engine.best_trials(full), engine.best_trials(reference)
+    assert {p: (o.plan_index, o.params) for p, o in best_full.items()} == {
+        p: (o.plan_index, o.params) for p, o in best_early.items()}
+    assert "stopped" in {o.status for o in reference}  # the early stop did stop something ...
+    assert sum(len(o.curve) for o in reference) < sum(len(o.curve) for o in full)  # ... and saved checks
+    # each early-stopped trial ran to the first check at or past the K* known then, no further
+    for o in reference:
+        if o.status == "stopped":
+            assert o.curve[-1][0] >= k_stars(reference)[o.point]
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+
+def test_interrupted_study_resumes_to_the_same_outcomes(reference, tmp_path, monkeypatch):
+    folder = tmp_path / "study"
+    engine.plan(folder, spec_of(tiny_workload(tmp_path)))
+    assert engine.work_loop(folder, max_trials=1) == 1  # stopped between trials
+
+    real_on_eval, hits = engine.TrialWatch.on_eval, []
+
+    def ctrl_c_at_step_30(self, step, metrics):  # Ctrl-C inside the next trial, mid-training
+        if step == 30 and not hits:
+            hits.append(step)
+            raise KeyboardInterrupt
+        return real_on_eval(self, step, metrics)
+
+    monkeypatch.setattr(engine.TrialWatch, "on_eval", ctrl_c_at_step_30)
+    with pytest.raises(KeyboardInterrupt):
+        engine.work_loop(folder)
+    rows = engine.status_rows(folder)
+    assert sum(r["failed_attempts"] for r in rows) == 1 and sum(r["running"] for r in rows) == 0
+    engine.work_loop(folder, max_trials=2)
+    engine.work_loop(folder)
+    resumed = engine.outcomes(folder)
+    assert hits == [30]
+    assert k_stars(resumed) == k_stars(reference)
+    assert [(o.point, o.plan_index, o.status, o.steps_to_result, o.curve) for o in resumed] == [
+        (o.point, o.plan_index, o.status, o.steps_to_result, o.curve) for o in reference]
+
+
+@pytest.mark.slow  # four fresh interpreters import torch and optuna: ~15 s quiet, ~60 s on a loaded 2-core machine
+def test_four_workers_one_killed_mid_trial_every_trial_recorded_once(tmp_path):
+    # budgets no trial reaches: each trial runs its whole budget, long enough to be killed in
+    workload = tiny_workload(tmp_path, goal=0.01, iterations=300, hard=True)
+    folder = tmp_path / "study"
+    engine.plan(folder, spec_of(workload, early_stop=False, trials=3))
+    storage = engine.open_storage(folder, engine.load_spec(folder))
+    killed: list[int] = []
+
+    def kill_one_worker(pids):
+        def watch():
+            deadline = time.time() + 60
+            while time.time() < deadline and not killed:
+                for name in ("tiny/b8/s0.5", "tiny/b32/s0.5"):
+                    study = optuna.load_study(study_name=name, storage=storage)
+                    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                        pid = int(t.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
+                        if pid in pids and t.intermediate_values:  # a worker mid-trial
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(pid)
+                            return
+                time.sleep(0.05)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    result = engine.work(folder, 4, progress=False, on_start=kill_one_worker)
+    assert len(killed) == 1 and sorted(result["exit_codes"]) == [-signal.SIGKILL, 0, 0, 0]
+    assert result["finished"] == result["total"] == 6
+    outcomes = engine.outcomes(folder)  # raises if a plan index has two finished trials
+    assert sorted((o.batch_size, o.plan_index) for o in outcomes) == [(b, i) for b in (8, 32) for i in range(3)]
+    assert {o.status for o in outcomes} == {"incomplete"}
+    assert all(o.curve[-1][0] == 300 and len(o.curve) == 30 for o in outcomes)
+    rows = engine.status_rows(folder)
+    assert sum(r["failed_attempts"] for r in rows) == 1  # the killed attempt, retried once
+    retried = [t for name in ("tiny/b8/s0.5", "tiny/b32/s0.5")
+               for t in optuna.load_study(study_name=name, storage=storage).get_trials()
+               if "failed_trial" in t.system_attrs]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    runs = RunStore(folder / "runs").list()
+    assert len(runs) == 6 and {r.status for r in runs} == {"finished"}
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_study_commands_plan_status_report(tmp_path, capsys):
+    from sparsetrain.cli.main import main
+
+    tiny_workload(tmp_path, iterations=40)
+    folder = tmp_path / "study"
+    assert main(["study", "plan", "--dir", str(folder), "--workload", str(tmp_path / "tiny.toml"),
+                 "--batch-sizes", "8", "--sparsities", "0", "--trials", "2", "--heartbeat-interval", "1",
+                 "--grace-period", "3"]) == 0
+    engine.work_loop(folder)
+    capsys.readouterr()
+    assert main(["study", "status", "--dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny/b8/s0 | 2 " in out and "2 of 2 trials finished (100%)" in out
+    assert main(["study", "report", "--dir", str(folder), "--out", str(tmp_path / "report")]) == 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "--workload", "dps-mnist-simple-cnn-sgd", "--batch-sizes", "8,x", "--sparsities", "0"],
+     "--batch-sizes takes numbers separated by commas"),
+    (["plan", "--workload", "dps-mnist-simple-cnn-sgd", "--batch-sizes", "8", "--sparsities", "1"],
+     "sparsities must lie in [0, 1)"),
+    (["plan", "--workload", "demo", "--batch-sizes", "8", "--sparsities", "0"], "has no [study] table"),
+    (["status"], "holds no study"),
+    (["work", "--workers", "0"], "--workers must be a positive whole number; got 0"),
+])
+def test_study_commands_refuse_bad_input(tmp_path, capsys, argv, words):
+    from sparsetrain.cli.main import main
+
+    assert main(["study", argv[0], "--dir", str(tmp_path / "s"), *argv[1:]]) == 2
+    assert words in capsys.readouterr().err
