@@ -221,14 +221,14 @@ def plot_lipschitz(curves: Mapping[float, Sequence[tuple[int, float]]], path: st
 
     fig = new_figure(5.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    positive = True
+    seen: list[float] = []
     for i, (sparsity, curve) in enumerate(sorted(curves.items())):
         pts = [(s, v) for s, v in curve if math.isfinite(v)]
         if not pts:
             continue
-        positive = positive and all(v > 0 for _, v in pts)
+        seen += [v for _, v in pts]
         ax.plot([s for s, _ in pts], [v for _, v in pts], "o-", ms=3, color=f"C{i % 10}", label=f"sparsity {sparsity:g}")
-    if positive and ax.lines:
+    if seen and min(seen) > 0 and max(seen) > 10 * min(seen):  # a log axis only where it spans a decade
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("Lipschitz constant of the gradient")
