@@ -310,6 +310,39 @@ def _bench(args):
         print(f"written to {md} and {js}", file=sys.stderr)
 
 
+# --- signal ------------------------------------------------------------------------------------
+
+def _signal_flags(p):
+    add_config_flags(p, training=False)
+    p.add_argument("--examples", type=int, default=1000,
+                   help="test examples for the input-output Jacobian singular values (default 1000)")
+    p.add_argument("--layer-examples", type=int, default=100,
+                   help="test examples for the layerwise singular values (default 100)")
+    p.add_argument("--isometry-method", default="lbfgs", choices=["lbfgs", "polar", "sgd"],
+                   help="how the kept weights are made approximately an isometry (sgd: the original's plain SGD)")
+    p.add_argument("--out", help="folder for signal.md, signal.json (with histograms) and signal.png")
+
+
+def _signal(args):
+    from ..measure import Provenance, write_report
+    from ..signal.stages import plot_histograms, signal_stages
+
+    config = config_from_args(args)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise SparsetrainError(f"--out {out} is a file; name a folder (it is created if missing)")
+    provenance = Provenance.now(" ".join(["sparsetrain", *args.argv]))
+    report = signal_stages(config, data_dir=args.data_dir, device=args.device, examples=args.examples,
+                           layer_examples=args.layer_examples, isometry_method=args.isometry_method)
+    text = report.markdown()
+    print(text)
+    if out is not None:
+        png = plot_histograms(report, out / "signal.png")
+        md, js = write_report(out / "signal.md", text + f"\n\n![histograms]({png.name})", report.to_dict(),
+                              provenance=provenance)
+        print(f"written to {md}, {js} and {png}", file=sys.stderr)
+
+
 COMMANDS = {
     "run": ("prune at initialization, train and test; recorded in the run store", _run_flags, _run),
     "prune": ("prune at initialization and write the mask file", _prune_flags, _prune),
@@ -317,6 +350,8 @@ COMMANDS = {
     "list": ("list models, data sets, methods, init schemes and recipes", _list_flags, _list),
     "runs": ("the recorded runs: a table, or show, export, delete, check them", runs_flags, runs),
     "study": ("steps-to-result studies: plan, work (N local workers), status, report", study_flags, study),
+    "signal": ("signal propagation: Jacobian singular values before pruning, after pruning and after "
+               "approximate isometry", _signal_flags, _signal),
     "reproduce": ("reproduce a paper's table with its recipes, several seeds", _reproduce_flags, _reproduce),
     "bench": ("dense against sparse execution: latency per layer and end to end, memory, speed-up vs sparsity",
               _bench_flags, _bench),
