@@ -87,6 +87,21 @@ def test_realistic_layer_keeps_its_weights_alive():
     assert 0 < report.layers[0].distance < 10
 
 
+def test_pruned_units_leave_a_floor_that_is_reached():
+    """Three output units of a 16 x 32 layer keep no weight (SNIP prunes whole units): their
+    diagonal entries of W W^T stay 0, so ||W W^T - I||_F >= sqrt(3) whatever the weights; the
+    other 13 rows can still be made orthonormal, so the optimum is exactly sqrt(3)."""
+    layer, mask = masked_layer(nn.Linear(32, 16), 0.6)
+    mask["weight"][[2, 7, 11]] = False
+    with torch.no_grad():
+        layer.weight.mul_(mask["weight"])
+    report = approximate_isometry_(layer, mask)
+    assert report.layers[0].floor == pytest.approx(3 ** 0.5) and not report.layers[0].reachable
+    assert report.penalty_after == pytest.approx(3 ** 0.5, abs=1e-3)
+    live = layer.weight.detach()[[i for i in range(16) if i not in (2, 7, 11)]]
+    assert_near_isometry(live, atol=1e-3)
+
+
 def test_dense_matrix_reaches_its_polar_factor():
     """Without a mask (fully kept) the nearest matrix with orthonormal rows is U V^T, the polar
     factor of the initial weights; the penalty's gradient flow keeps U and V, so the optimiser

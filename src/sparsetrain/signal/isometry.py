@@ -92,6 +92,7 @@ class LayerIsometry:
     reachable: bool  # every block keeps >= gram * (gram + 1) / 2 entries and an entry in each row of its smaller side
     penalty_before: float  # sum over blocks of ||G - I||_F
     penalty_after: float
+    floor: float  # sum over blocks of a lower bound no weights reach: sqrt(rank the pattern lacks)
     distance: float  # ||W - W0||_F / ||W0||_F over the tensor
     alive: float  # fraction of kept weights with |w| >= ALIVE * RMS of its block's kept weights
     steps: int  # the most iterations any block ran
@@ -115,6 +116,10 @@ class IsometryReport:
         return sum(r.penalty_after for r in self.layers)
 
     @property
+    def floor(self) -> float:
+        return sum(r.floor for r in self.layers)
+
+    @property
     def alive(self) -> float:
         kept = sum(r.kept for r in self.layers)
         return sum(r.alive * r.kept for r in self.layers) / kept if kept else 1.0
@@ -130,6 +135,7 @@ class IsometryReport:
             "method": self.method,
             "penalty_before": self.penalty_before,
             "penalty_after": self.penalty_after,
+            "floor": self.floor,
             "alive": self.alive,
             "max_distance": max((r.distance for r in self.layers), default=0.0),
             "seconds": self.seconds,
@@ -141,14 +147,14 @@ class IsometryReport:
 
     def table(self) -> str:
         """A Markdown table, one row per weight tensor and a total."""
-        lines = ["| parameter | shape | Gram | kept | reachable | penalty before | after | distance | alive | steps | s |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| parameter | shape | Gram | kept | reachable | penalty before | after | floor | distance | alive | steps | s |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.layers:
             lines.append(f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.gram}{'' if r.blocks == 1 else f' x{r.blocks}'} "
                          f"| {r.kept:,} | {'yes' if r.reachable else 'no'} | {r.penalty_before:.4g} | {r.penalty_after:.4g} "
-                         f"| {r.distance:.3f} | {r.alive:.3f} | {r.steps} | {r.seconds:.2f} |")
+                         f"| {r.floor:.4g} | {r.distance:.3f} | {r.alive:.3f} | {r.steps} | {r.seconds:.2f} |")
         lines.append(f"| total | | | {sum(r.kept for r in self.layers):,} | | {self.penalty_before:.4g} | "
-                     f"{self.penalty_after:.4g} | | {self.alive:.3f} | | {self.seconds:.2f} |")
+                     f"{self.penalty_after:.4g} | {self.floor:.4g} | | {self.alive:.3f} | | {self.seconds:.2f} |")
         return "\n".join(lines)
 
 
@@ -233,6 +239,22 @@ def _blocks(model: nn.Module, name: str, p: torch.Tensor) -> tuple[int, str]:
     return 0, f"{type(owner).__name__}.{leaf}: not a Linear, Conv or recurrent weight"
 
 
+def pattern_floor(keep: torch.Tensor) -> float:
+    """A lower bound on ``||G - I||_F`` that no weights on the pattern ``keep`` (m x n, m <= n)
+    can beat: ``sqrt(d)`` where ``d`` is how far the pattern's rank falls short of ``m``, counted
+    simply: the rows that kept nothing (a zero diagonal entry of ``G``), or ``m`` minus the columns
+    that kept something (``G``'s rank cannot exceed it), whichever is larger. SNIP often prunes
+    whole units; the penalty of such a layer stops at this floor, whatever the optimiser.
+
+    >>> pattern_floor(torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool))   # one empty row
+    1.0
+    """
+    m = keep.shape[0]
+    empty_rows = int((~keep.any(dim=1)).sum())
+    live_cols = int(keep.any(dim=0).sum())
+    return math.sqrt(max(empty_rows, m - live_cols, 0))
+
+
 def _oriented(matrix: torch.Tensor) -> torch.Tensor:
     """The matrix with its smaller side first, so its Gram matrix ``A A^T`` can be ``I``."""
     return matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
@@ -244,7 +266,7 @@ def _layer(name: str, p: nn.Parameter, mask: torch.Tensor, blocks: int, method: 
     w0 = p.detach().reshape(p.shape[0], -1).clone()  # (out, fan_in): a kernel's (c_out, c_in*k*k)
     keep = mask.reshape(p.shape[0], -1)
     out = torch.zeros_like(w0)
-    before = after = 0.0
+    before = after = floor = 0.0
     alive = 0.0
     most = 0
     reachable = True
@@ -252,6 +274,7 @@ def _layer(name: str, p: nn.Parameter, mask: torch.Tensor, blocks: int, method: 
         a, m = _oriented(w_b * m_b), _oriented(m_b)
         side = a.shape[0]
         reachable &= int(m.sum()) >= side * (side + 1) // 2 and bool(m.any(dim=1).all())
+        floor += pattern_floor(m)
         before += isometry_penalty(a)
         with _threads(a):
             solved, used = SOLVERS[method](a.clone(), m, steps, tol)
@@ -268,7 +291,7 @@ def _layer(name: str, p: nn.Parameter, mask: torch.Tensor, blocks: int, method: 
     norm0 = float(w0.norm())
     return LayerIsometry(
         name=name, shape=list(p.shape), blocks=blocks, gram=min(w0.shape[0] // blocks, w0.shape[1]), kept=total,
-        reachable=bool(reachable), penalty_before=before, penalty_after=after,
+        reachable=bool(reachable), penalty_before=before, penalty_after=after, floor=floor,
         distance=float((p.detach().reshape_as(w0) - w0).norm()) / norm0 if norm0 else 0.0,
         alive=alive / total if total else 1.0, steps=most, seconds=time.perf_counter() - started,
     )
