@@ -26,9 +26,9 @@ dataset = "synthetic"
 [train]
 iterations = 100
 schedule = "constant"
-[study]
+momentum = 0.0
+val_every = 10
 goal_error = 0.1
-search = ["learning_rate"]
 """
 
 
@@ -77,6 +77,7 @@ def test_bundled_workloads_match_effect_dps_public():
     assert (sgd.goal_error, sgd.budget, sgd.search, sgd.config.model, sgd.config.dataset) == (
         0.02, 40000, ("learning_rate",), "simple-cnn", "mnist")
     assert (sgd.config.train.schedule, sgd.config.train.momentum, sgd.config.prune.batches) == ("constant", 0.0, 0)
+    assert sgd.check_interval == 100
     resnet = load_workload("dps-cifar10-resnet-8-nesterov")
     assert (resnet.goal_error, resnet.budget, resnet.config.train.nesterov) == (0.4, 100000, True)
     assert resnet.search == ("learning_rate", "momentum", "decay_steps", "end_learning_rate_factor")
@@ -93,6 +94,7 @@ def test_trial_config_sets_the_point_and_the_plan_values():
     assert (t.batch_size, t.lr, t.momentum, t.decay_every, t.end_lr_factor) == (
         64, params["learning_rate"], params["momentum"], 45000, params["end_learning_rate_factor"])
     assert (t.goal_error, t.on_diverge, t.val_every, c.seed, c.prune.sparsity) == (0.4, "infeasible", 100, 3, 0.9)
+    assert t.schedule == "linear-then-constant"  # the recipe's linear decay, over the searched decay steps
     dense = w.trial_config(64, 0.0, params, seed=3)
     assert (dense.prune.method, dense.prune.sparsity) == ("dense", 0.0)
 
@@ -111,14 +113,17 @@ def test_linear_then_constant_is_tf_polynomial_decay():
         assert seen[t] == pytest.approx(0.99 * (1 - min(t, 100) / 100) + 0.01)
 
 
-@pytest.mark.parametrize("text, words", [
-    ('model = "mlp-tiny"\n[train]\niterations = 10\n', "has no [study] table"),
-    (TINY.replace('["learning_rate"]', '["lr"]'), "unknown: lr"),
-    (TINY.replace("goal_error = 0.1", "goal_error = 1.5"), "goal_error must lie in (0, 1)"),
-    (TINY.replace("iterations = 100", "epochs = 1.0"), "budget is train.iterations"),
-    (TINY.replace("[study]", "[study]\ngoal = 3"), "unknown: goal"),
+@pytest.mark.parametrize("changes, words", [
+    ({"goal_error = 0.1": ""}, "has no train.goal_error, so it is not a study workload"),
+    ({"val_every = 10": "val_every = 0"}, "checks the validation error every train.val_every steps"),
+    ({"iterations = 100": "epochs = 1.0"}, "step budget is train.iterations"),
+    ({'schedule = "constant"': 'schedule = "cosine"'}, "a constant or linear schedule"),
+    ({"[train]": '[train]\noptimizer = "adam"'}, "trains with sgd"),
 ])
-def test_bad_workloads_are_refused(tmp_path, text, words):
+def test_bad_workloads_are_refused(tmp_path, changes, words):
+    text = TINY
+    for old, new in changes.items():
+        text = text.replace(old, new)
     path = tmp_path / "w.toml"
     path.write_text(text)
     with pytest.raises(SparsetrainError, match=re.escape(words)):
@@ -149,6 +154,15 @@ def test_a_folder_keeps_its_plan(tmp_path):
         engine.plan(tmp_path / "s", engine.StudySpec((w,), (8, 16), (0.0,), trials=2))
     with pytest.raises(SparsetrainError, match="holds no study"):
         engine.load_spec(tmp_path / "nothing")
+
+
+def test_search_follows_the_optimizer_and_schedule(tmp_path):
+    path = tmp_path / "w.toml"
+    path.write_text(TINY)
+    assert load_workload(path).search == ("learning_rate",)
+    assert load_workload(path, {"train": {"momentum": 0.9, "nesterov": True}}).search == ("learning_rate", "momentum")
+    assert load_workload(path, {"train": {"schedule": "linear"}}).search == (
+        "learning_rate", "decay_steps", "end_learning_rate_factor")
 
 
 def test_workload_round_trips_through_its_dict():

@@ -1,35 +1,38 @@
-"""Workloads of a steps-to-result study: a run config plus a goal error, a step budget and the
-metaparameters searched, read from a recipe with a ``[study]`` table (``recipes/dps-*.toml``).
+"""Workloads of a steps-to-result study: a run recipe (``recipes/dps-*.toml``) read as a data
+set, network and optimizer, a goal error, a step budget and the metaparameters searched.
 
-A workload recipe is an ordinary run recipe (model, data set, init, ``[prune]``, ``[train]``) whose
-``train.iterations`` is the step budget, plus::
+A workload is an ordinary run recipe; three of its settings say what a result is:
 
-    [study]
-    goal_error = 0.02                 # complete at the first check with validation error <= this
-    search = ["learning_rate"]       # the plan's dimensions, in the Sobol sequence's order
-    check_interval = 100             # full validation error every this many steps
+- ``train.goal_error``: a trial is complete at the first check with validation error <= this;
+- ``train.val_every``: the check interval (the full validation error every this many steps);
+- ``train.iterations``: the step budget.
 
-The search names and their ranges are effect-dps-public's (``batch_science.py``):
-:data:`SEARCH_SPACE`. Their order matters: the i-th name takes the Sobol sequence's i-th dimension,
-as the original's ``--mparams_kind`` list does.
+The metaparameters searched follow from the optimizer and schedule, as in effect-dps-public's
+workloads: the learning rate always; the momentum when the recipe trains with momentum
+(``train.momentum`` > 0, plain or Nesterov); the decay steps and the end learning-rate factor when
+it decays linearly. In a study a linear schedule decays over the searched decay steps and then
+holds (``linear-then-constant``: TF's ``polynomial_decay``, as the original), not over the whole
+budget. Names, ranges and scales: :data:`SEARCH_SPACE`; their order is the Sobol dimensions'
+(the original's ``--mparams_kind`` order).
 
     >>> w = load_workload("dps-mnist-simple-cnn-sgd")
-    >>> w.goal_error, w.budget, w.search, w.config.train.schedule
-    (0.02, 40000, ('learning_rate',), 'constant')
+    >>> w.goal_error, w.budget, w.search, w.check_interval
+    (0.02, 40000, ('learning_rate',), 100)
+    >>> load_workload("dps-cifar10-resnet-8-nesterov").search
+    ('learning_rate', 'momentum', 'decay_steps', 'end_learning_rate_factor')
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from sparsetrain.config import RunConfig
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.pipeline import DENSE
-from sparsetrain.recipes import recipe_path
+from sparsetrain.recipes import load_recipe
 from sparsetrain.train.optim import SCHEDULES
 
 
@@ -121,6 +124,8 @@ class Workload:
         }
         for name, value in params.items():
             train[SEARCH_SPACE[name].setting] = value
+        if "decay_steps" in self.search:
+            train["schedule"] = "linear-then-constant"
         prune: dict[str, Any] = {"sparsity": sparsity} if sparsity > 0 else {"method": DENSE, "sparsity": 0.0}
         return self.config.replace(seed=seed, train=train, prune=prune, name=f"{self.name}-b{batch_size}-s{sparsity:g}")
 
@@ -134,40 +139,36 @@ class Workload:
                    tuple(data["search"]), int(data.get("check_interval", 100)))
 
 
-STUDY_KEYS = ("goal_error", "search", "check_interval")
+def search_of(config: RunConfig) -> tuple[str, ...]:
+    """The metaparameters a workload searches, from its optimizer and schedule (module docstring)."""
+    t = config.train
+    if t.optimizer != "sgd" or t.schedule not in ("constant", "linear"):
+        raise SparsetrainError(
+            f"a study workload trains with sgd (plain, momentum or Nesterov) and a constant or linear schedule, "
+            f"as effect-dps-public; got optimizer {t.optimizer!r} with schedule {t.schedule!r}"
+        )
+    search = ("learning_rate",) + (("momentum",) if t.momentum > 0 else ())
+    return search + (("decay_steps", "end_learning_rate_factor") if t.schedule == "linear" else ())
 
 
 def load_workload(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Workload:
-    """The workload of a bundled ``dps-*`` recipe (by name) or a TOML file; ``overrides``: changes
+    """The workload of a bundled ``dps-*`` recipe (by name) or a recipe file; ``overrides``: changes
     to its run config as :meth:`RunConfig.replace` takes them (``{"train": {"iterations": 500}}``),
     e.g. a tiny model for tests."""
-    path = recipe_path(name_or_path)
+    config = load_recipe(name_or_path)
+    where = f"recipe {config.name}"
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise SparsetrainError(f"workload recipe {path} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise SparsetrainError(f"workload recipe {path} is not valid TOML: {err}") from None
-    study = data.pop("study", None)
-    if not isinstance(study, dict):
-        raise SparsetrainError(
-            f"recipe {path} has no [study] table, so it is not a study workload; give goal_error and search "
-            "there (see the bundled dps-* recipes: sparsetrain list recipes)"
-        )
-    unknown = sorted(set(study) - set(STUDY_KEYS))
-    if unknown or "goal_error" not in study or "search" not in study:
-        raise SparsetrainError(
-            f"recipe {path}: [study] needs goal_error and search (and may give check_interval); "
-            f"{'unknown: ' + ', '.join(unknown) if unknown else 'one is missing'}"
-        )
-    name = data.setdefault("name", path.stem)
-    try:
-        config = RunConfig.from_dict(data)
         if overrides:
             config = config.replace(**overrides)
     except SparsetrainError as err:
-        raise SparsetrainError(f"recipe {path}: {err}") from None
-    if config.train.iterations <= 0:
-        raise SparsetrainError(f"recipe {path}: a workload's budget is train.iterations; set it (epochs are not used)")
-    return Workload(name, config, study["goal_error"], tuple(study["search"]), study.get("check_interval", 100))
+        raise SparsetrainError(f"{where}: {err}") from None
+    t = config.train
+    if t.goal_error <= 0:
+        raise SparsetrainError(f"{where} has no train.goal_error, so it is not a study workload; set the goal "
+                               "validation error there (see the bundled dps-* recipes: sparsetrain list recipes)")
+    if t.iterations <= 0:
+        raise SparsetrainError(f"{where}: a workload's step budget is train.iterations; set it (epochs are not used)")
+    if t.val_every <= 0:
+        raise SparsetrainError(f"{where}: a workload checks the validation error every train.val_every steps; "
+                               "set it (effect-dps-public: 100)")
+    return Workload(config.name, config, t.goal_error, search_of(config), t.val_every)
