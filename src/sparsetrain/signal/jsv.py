@@ -79,6 +79,7 @@ ELEMENTWISE = (
 # Modules that may follow a layer and belong to it: elementwise, or per channel (batch-norm in eval mode).
 FOLLOWERS = (*ELEMENTWISE, nn.modules.batchnorm._BatchNorm)
 EXACT_LIMIT = 2**22  # entries of one example's layer Jacobian (16 MiB in float32) computed exactly
+CHUNK_ENTRIES = 2**25  # entries held at once: layer Jacobians (float32), Lanczos bases (float64), 256 MiB
 
 
 @contextmanager
@@ -388,7 +389,9 @@ def layerwise_jsv(model: nn.Module, batch: Any, *, exact_limit: int = EXACT_LIMI
     are the modules' qualified names (a module called twice: ``name#2``); a recurrent module gives
     ``name.l0``, ``name.l1``, ... per stacked layer. Layers with at most ``exact_limit`` Jacobian
     entries per example are exact; the others are estimated with ``lanczos_steps`` Lanczos steps
-    from ``probes`` start vectors per example drawn with ``seed`` (see :func:`lanczos_extremes`). Raises
+    from ``probes`` start vectors per example drawn with ``seed`` (see :func:`lanczos_extremes`).
+    Examples are processed a chunk at a time (``chunk_size`` for exact Jacobians; default: as many
+    as keep 2^25 entries at once), so memory does not grow with the batch. Raises
     :class:`SparsetrainError` for a model without Linear, Conv or recurrent layers."""
     inputs = list(_inputs_of(batch))
     if len(inputs) != 1:
@@ -438,8 +441,10 @@ def _layer_jsv(call: _Call, chain: list[nn.Module], exact_limit: int, steps: int
     n_in, n_out = u[0].numel(), call.output[0].numel()
     what = " + ".join([_describe(call.module), *(type(m).__name__ for m in chain)])
     if n_in * n_out <= exact_limit:
-        jac = layer_jacobians(g, u, chunk_size=chunk_size)
-        return JSVStats.from_values(singular_values(jac), layer=what)
+        # examples a chunk at a time, so that a chunk's Jacobians stay within CHUNK_ENTRIES
+        chunk = chunk_size or max(1, CHUNK_ENTRIES // (n_in * n_out))
+        values = [singular_values(layer_jacobians(g, u[i : i + chunk])) for i in range(0, len(u), chunk)]
+        return JSVStats.from_values(torch.cat(values), layer=what)
     est = lanczos_extremes(g, u, steps=steps, seed=seed, probes=probes)
     return est.stats(layer=what)
 
@@ -508,18 +513,27 @@ def lanczos_extremes(g: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor,
     """
     if steps < 1 or probes < 1:
         raise SparsetrainError(f"Lanczos needs steps >= 1 and probes >= 1, got steps={steps}, probes={probes}")
+    b = len(u)
+    u = u.detach().repeat_interleave(probes, 0)  # (B * probes, *in)
     with torch.no_grad():  # torch.func's jvp/vjp still differentiate; the weights build no graph
-        est = _lanczos(g, u.detach().repeat_interleave(probes, 0), steps, seed)
+        n = min(u[0].numel(), g(u[:1])[0].numel())
+        # examples a chunk at a time, so that a chunk's Lanczos basis (k vectors of n) stays in CHUNK_ENTRIES
+        chunk = max(1, CHUNK_ENTRIES // (min(steps, n) * n))
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        starts = torch.randn(len(u), n, generator=gen, dtype=torch.float64)  # the same, chunked or not
+        parts = [_lanczos(g, u[i : i + chunk], steps, starts[i : i + chunk], gen) for i in range(0, len(u), chunk)]
+    est = LanczosEstimate(*(torch.cat([getattr(p, f) for p in parts]) for f in ("max", "min", "mean", "mean_square")),
+                          n=parts[0].n, steps=parts[0].steps)
     if probes == 1:
         return est
-    b = len(u)
     return LanczosEstimate(
         max=est.max.reshape(b, probes).max(1).values, min=est.min.reshape(b, probes).min(1).values,
         mean=est.mean.reshape(b, probes).mean(1), mean_square=est.mean_square.reshape(b, probes).mean(1),
         n=est.n, steps=est.steps)
 
 
-def _lanczos(g: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, steps: int, seed: int) -> LanczosEstimate:
+def _lanczos(g: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, steps: int, start: torch.Tensor,
+             gen: torch.Generator) -> LanczosEstimate:
     out, vjp_fn = vjp(g, u)
     n_in, n_out = u[0].numel(), out[0].numel()
     b = u.shape[0]
@@ -539,8 +553,7 @@ def _lanczos(g: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor, steps: 
         return jvp(g, (u,), (jtv,))[1].reshape(b, n).to(torch.float64)
 
     k = min(steps, n)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(b, n, generator=gen, dtype=torch.float64).to(u.device)
+    q = start.to(u.device)  # (B, n)
     q = q / q.norm(dim=1, keepdim=True)
     basis = torch.zeros(b, k, n, dtype=torch.float64, device=u.device)
     alpha = torch.zeros(b, k, dtype=torch.float64, device=u.device)
@@ -590,11 +603,17 @@ def _recurrent_jsv(name: str, call: _Call) -> dict[str, JSVStats]:
     for k in range(rnn.num_layers):
         w = {key: call.state.get(f"{key}_l{k}") for key in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
         h0 = _initial(hx, k, x.shape[0], rnn)
-        states, jac = recurrent_step_jacobians(rnn, w, layer_in, h0)
+        # examples a chunk at a time: a chunk's T step Jacobians of H x H stay within CHUNK_ENTRIES
+        chunk = max(1, CHUNK_ENTRIES // (x.shape[1] * rnn.hidden_size**2))
+        values, hs = [], []
+        for i in range(0, len(x), chunk):
+            part = tuple(h[i : i + chunk] for h in h0) if isinstance(h0, tuple) else h0[i : i + chunk]
+            states, jac = recurrent_step_jacobians(rnn, w, layer_in[i : i + chunk], part)
+            values.append(singular_values(jac.reshape(-1, *jac.shape[-2:])))
+            hs.append(states[0])
         results[f"{name}.l{k}"] = JSVStats.from_values(
-            singular_values(jac.reshape(-1, *jac.shape[-2:])),
-            layer=f"{type(rnn).__name__}({rnn.hidden_size}) dh_t/dh_(t-1), {x.shape[1]} steps")
-        layer_in = states[0]
+            torch.cat(values), layer=f"{type(rnn).__name__}({rnn.hidden_size}) dh_t/dh_(t-1), {x.shape[1]} steps")
+        layer_in = torch.cat(hs)
     out = call.output[0] if rnn.batch_first else call.output[0].transpose(0, 1)
     if not torch.allclose(layer_in, out, atol=1e-4, rtol=1e-3):
         raise SparsetrainError(f"{name}: the hidden states recomputed from the cell equations differ from the module's "
