@@ -14,7 +14,8 @@ import torch.nn as nn
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.masks import apply_mask_
 from sparsetrain.models import create_model
-from sparsetrain.signal import JSVStats, input_output_jsv, lanczos_extremes, layerwise_jsv
+from sparsetrain.signal import JSVStats, input_output_jsv, lanczos_extremes, layerwise_jsv, singular_values
+from sparsetrain.signal import jsv
 from sparsetrain.signal.jsv import layer_jacobians, recurrent_step_jacobians
 
 
@@ -270,8 +271,6 @@ def test_max_examples_stops_early():
 
 
 def test_chunks_of_examples_give_the_same_values(monkeypatch):
-    import sparsetrain.signal.jsv as jsv
-
     torch.manual_seed(0)
     conv, _, u = conv_tanh()
     cnn = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(144, 3))
@@ -288,3 +287,13 @@ def test_chunks_of_examples_give_the_same_values(monkeypatch):
                 assert torch.allclose(a[name].values, b[name].values, atol=1e-6), name
             for key in ("mean", "std", "max", "min"):  # the Lanczos start vectors too are the same
                 assert getattr(a[name], key) == pytest.approx(getattr(b[name], key), rel=1e-6), (name, key)
+
+
+def test_singular_values_of_ill_conditioned_matrices_against_svd():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(2, 10, 10, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(2, 30, 30, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -6, 10, dtype=torch.float64).expand(2, 10)
+    j = (u * s[:, None, :]) @ v[:, :10, :]  # (2, 10, 30), singular values 1 .. 1e-6
+    assert torch.allclose(singular_values(j), s, atol=1e-8)
+    assert torch.allclose(singular_values(j.mT), s, atol=1e-8)  # the tall side: J^T J
