@@ -26,8 +26,8 @@ the masks ``C_l`` fixed, by plain SGD (lr 0.1, 10,000 steps) on all layers at on
 - **The optimiser.** ``method="lbfgs"`` (the default): L-BFGS with a strong-Wolfe line search on
   the kept entries only, minimising the squared penalty ``||G - I||_F^2`` (smooth, same
   minimisers as the norm; its gradient ``4 (G - I) W`` restricted to the kept entries), stopped
-  when the penalty ``||G - I||_F`` falls to ``tol`` or a check interval of 25 iterations lowers it
-  by less than a fraction ``tol``. ``"polar"``: projected polar iterations (the nearest
+  when the penalty ``||G - I||_F`` comes within ``tol`` of the pattern's floor (below) or a check
+  interval of 25 iterations lowers it by less than a fraction ``tol``. ``"polar"``: projected polar iterations (the nearest
   orthogonal matrix, i.e. the polar factor ``U V^T`` of the SVD, then the mask re-applied),
   alternating projections that do not minimise the penalty exactly; for comparison.
   ``"sgd"``: the original, plain SGD with lr 0.1 on ``||G - I||_F`` (the norm, not its square).
@@ -179,8 +179,9 @@ def approximate_isometry_(model: nn.Module, mask: Mapping[str, torch.Tensor] | N
     set as fully kept (the nearest orthogonal matrices). Pruned entries stay exactly zero; biases
     and parameters outside the mask are not touched. ``steps``: the most iterations per matrix
     (default per method, :data:`METHODS`); ``tol``: stop a matrix when its penalty ``||G - I||_F``
-    falls to ``tol`` or a check interval lowers it by less than the fraction ``tol`` (0: run every
-    step, as the original). Raises :class:`SparsetrainError` for an unknown method, a bad
+    comes within ``tol`` of the pattern's floor (:func:`pattern_floor`; 0 where an isometry is
+    possible) or a check interval lowers it by less than the fraction ``tol`` (0: run every step,
+    as the original). Raises :class:`SparsetrainError` for an unknown method, a bad
     ``steps``/``tol``, a mask that does not fit the model, or a matrix whose kept weights are all
     zero (no optimiser can move it: the gradient vanishes there)."""
     if method not in METHODS:
@@ -274,10 +275,11 @@ def _layer(name: str, p: nn.Parameter, mask: torch.Tensor, blocks: int, method: 
         a, m = _oriented(w_b * m_b), _oriented(m_b)
         side = a.shape[0]
         reachable &= int(m.sum()) >= side * (side + 1) // 2 and bool(m.any(dim=1).all())
-        floor += pattern_floor(m)
+        bound = pattern_floor(m)
+        floor += bound
         before += isometry_penalty(a)
         with _threads(a):
-            solved, used = SOLVERS[method](a.clone(), m, steps, tol)
+            solved, used = SOLVERS[method](a.clone(), m, steps, tol, bound)
         most = max(most, used)
         after += isometry_penalty(solved)
         kept = solved[m]
@@ -319,13 +321,14 @@ def _threads(a: torch.Tensor):
         torch.set_num_threads(before)
 
 
-def _stop(previous: float, current: float, tol: float) -> bool:
-    """The stopping rule: the penalty at ``tol`` or below, or an interval that lowered it by less
-    than the fraction ``tol`` (never with ``tol = 0``)."""
-    return tol > 0 and (current <= tol or previous - current < tol * previous)
+def _stop(previous: float, current: float, tol: float, floor: float) -> bool:
+    """The stopping rule: the penalty within ``tol`` of the pattern's floor (0 where the pattern
+    allows an isometry: :func:`pattern_floor`), or an interval that lowered it by less than the
+    fraction ``tol`` (never with ``tol = 0``)."""
+    return tol > 0 and (current <= floor + tol or previous - current < tol * previous)
 
 
-def _lbfgs(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float) -> tuple[torch.Tensor, int]:
+def _lbfgs(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float, floor: float) -> tuple[torch.Tensor, int]:
     """L-BFGS (strong Wolfe) on the kept entries ``x`` of ``a`` (m x n, m <= n), minimising
     ``||A A^T - I||_F^2`` with its exact gradient ``4 (A A^T - I) A`` on the kept entries."""
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
@@ -348,13 +351,13 @@ def _lbfgs(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float) -> tuple[to
         stalled = done == used  # the line search found no descent: a stationary point
         used = done
         current = float(closure().sqrt())
-        if stalled or _stop(previous, current, tol) or not math.isfinite(current):
+        if stalled or _stop(previous, current, tol, floor) or not math.isfinite(current):
             break
         previous = current
     return torch.zeros_like(a).masked_scatter(m, x.detach()), used
 
 
-def _polar(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float) -> tuple[torch.Tensor, int]:
+def _polar(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float, floor: float) -> tuple[torch.Tensor, int]:
     """Projected polar iterations: ``A <- mask * U V^T`` (the nearest matrix with orthonormal
     rows, then the pruned entries zeroed), checked every iteration."""
     previous = isometry_penalty(a)
@@ -364,13 +367,13 @@ def _polar(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float) -> tuple[to
         a = (u @ vh) * m
         used += 1
         current = isometry_penalty(a)
-        if _stop(previous, current, tol):
+        if _stop(previous, current, tol, floor):
             break
         previous = current
     return a, used
 
 
-def _sgd(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float) -> tuple[torch.Tensor, int]:
+def _sgd(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float, floor: float) -> tuple[torch.Tensor, int]:
     """spp-public's optimiser: plain SGD, lr 0.1, on ``||A A^T - I||_F`` (gradient
     ``2 (G - I) A / ||G - I||_F`` on the kept entries)."""
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
@@ -386,7 +389,7 @@ def _sgd(a: torch.Tensor, m: torch.Tensor, steps: int, tol: float) -> tuple[torc
         used += 1
         if used % CHECK_EVERY == 0:
             current = isometry_penalty(a)
-            if _stop(previous, current, tol):
+            if _stop(previous, current, tol, floor):
                 break
             previous = current
     return a, used
