@@ -430,6 +430,7 @@ def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = 
     folder = Path(folder)
     spec = plan(folder, load_spec(folder))  # re-enqueue what failed, before any worker starts
     total = spec.trials * len(spec.points())
+    storage = open_storage(folder, spec)
     args = [str(folder), "" if data_dir is None else str(data_dir), device or ""]
     processes = [subprocess.Popen([sys.executable, "-c", _WORKER, *args]) for _ in range(workers)]
     if on_start is not None:
@@ -439,17 +440,17 @@ def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = 
         # poll every process each time (not any(), which stops at the first live one): poll()
         # reaps a killed worker, whose pid would otherwise still look alive to the run store's lease
         while [p.poll() for p in processes].count(None):
-            bar.update(max(0, _finished_count(folder, spec) - bar.n))
+            bar.update(max(0, _finished_count(folder, spec, storage) - bar.n))
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         for p in processes:
             p.wait()  # each worker got the Ctrl-C too and gives its trial back
         raise
     finally:
-        bar.update(max(0, _finished_count(folder, spec) - bar.n))
+        bar.update(max(0, _finished_count(folder, spec, storage) - bar.n))
         bar.close()
     codes = [p.returncode for p in processes]
-    finished = _finished_count(folder, spec)
+    finished = _finished_count(folder, spec, storage)
     if finished < total and any(c != 0 for c in codes):
         raise SparsetrainError(
             f"workers ended with exit codes {codes} and {total - finished} of {total} trials are not finished; "
@@ -461,18 +462,18 @@ def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = 
 # ----------------------------------------------------------------------------- reading a study
 
 
-def _finished_count(folder: Path, spec: StudySpec) -> int:
-    return sum(row["finished"] for row in status_rows(folder, spec))
+def _finished_count(folder: Path, spec: StudySpec, storage=None) -> int:
+    return sum(row["finished"] for row in status_rows(folder, spec, storage))
 
 
-def status_rows(folder: str | Path, spec: StudySpec | None = None) -> list[dict[str, Any]]:
+def status_rows(folder: str | Path, spec: StudySpec | None = None, storage=None) -> list[dict[str, Any]]:
     """Progress per point: trials planned, finished by status, running, waiting, failed attempts,
-    and K* so far."""
+    and K* so far. ``storage``: the study's open storage, if the caller has one."""
     import optuna
 
     folder = Path(folder)
     spec = spec or load_spec(folder)
-    storage = open_storage(folder, spec)
+    storage = storage or open_storage(folder, spec)
     S = optuna.trial.TrialState
     rows = []
     for workload, batch_size, sparsity in spec.points():
