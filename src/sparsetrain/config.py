@@ -143,6 +143,10 @@ class PruneConfig:
     isometry: bool = later(False, "after the mask is applied to the weights that train, make each kept layer "
                                   "approximately an isometry (Lee et al. 2020: min ||W^T W - I|| over the kept "
                                   "weights; sparsetrain.signal.isometry)")
+    dataset: str = later("", "score the mask on this data set's first pruning batches and train on `dataset` "
+                             "(transfer of sparsity, Lee et al. 2020; same input shape and classes); '' = the "
+                             "run's own",
+                         registry="dataset", flag="prune-dataset")
 
     def __post_init__(self):
         check_ranges(self)

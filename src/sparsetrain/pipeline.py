@@ -18,6 +18,7 @@ the same stages, never a copy of them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -74,6 +75,8 @@ class Built:
     model: nn.Module
     device: torch.device
     isometry: dict[str, Any] | None = None  # init_under_mask's approximate-isometry summary (prune.isometry)
+    data_dir: str | Path | None = None  # where the data came from: prune.dataset is read from there too
+    download: bool = True
 
 
 def validate(config: RunConfig, training: bool = True) -> None:
@@ -112,10 +115,25 @@ def validate(config: RunConfig, training: bool = True) -> None:
     if p.scope == "erk" and p.structure:
         raise SparsetrainError(f"scope 'erk' budgets single entries; with structure {p.structure!r} choose "
                                "scope 'global' or 'layerwise'")
+    if p.dataset:
+        validate_prune_dataset(config)
     if p.round_schedule not in ROUND_SCHEDULES:
         raise SparsetrainError(f"unknown prune.round_schedule {p.round_schedule!r}; choose one of {', '.join(ROUND_SCHEDULES)}")
     if training:
         validate_training(t)
+
+
+def validate_prune_dataset(config: RunConfig) -> None:
+    """``prune.dataset`` names a data set, and the method scores with data at initialization (the
+    shapes are compared once the data is read, in :func:`scoring_loaders`)."""
+    p = config.prune
+    DATASETS.get(p.dataset)
+    if p.method == DENSE or p.method in AFTER_TRAINING or getattr(METHODS.get(p.method), "data_free", False):
+        why = ("prunes nothing" if p.method == DENSE else "prunes a trained network on the run's own data"
+               if p.method in AFTER_TRAINING else "scores without data")
+        raise SparsetrainError(f"prune.dataset {p.dataset!r} names the data the mask is scored on, and method "
+                               f"{p.method!r} {why}; leave prune.dataset unset, or choose a method that scores "
+                               "data at initialization (e.g. snip)")
 
 
 def validate_after_training(config: RunConfig) -> None:
@@ -174,7 +192,7 @@ def build(config: RunConfig, *, data_dir: str | Path | None = None, device: str 
     model = create_model(config.model, input_shape=loaders.input_shape, num_classes=loaders.num_classes,
                          **config.model_args).to(device)
     initialize_(model, config.init, config.seed)
-    return Built(config, loaders, model, device)
+    return Built(config, loaders, model, device, data_dir=data_dir, download=download)
 
 
 # --- stage 2: find the mask ------------------------------------------------------------------------
@@ -199,9 +217,35 @@ def pruning_batches(loaders: Loaders, count: int, batch_size: int = 0):
     return rebatch((next(stream) for _ in range(loaders.train.steps_per_epoch)), size, n)
 
 
+def scoring_loaders(config: RunConfig, built: Built) -> Loaders:
+    """The loaders the mask is scored on: the run's own, or with ``prune.dataset`` that data set's,
+    built as the run's are (batch size, validation split, seed, from ``built.data_dir``, with the
+    run's ``data_args`` that this data set also takes, such as ``view``), so its first pruning
+    batch is the one the run would score on that data set. Refused unless its examples have the run's input shape and its classes the run's count
+    (the model is built for those)."""
+    name = config.prune.dataset
+    if not name or name == config.dataset:
+        return built.loaders
+    t = config.train
+    takes = {f.name for f in dataclasses.fields(DATASETS.get(name).args)}
+    other = create_loaders(name, batch_size=t.batch_size, data_dir=built.data_dir, download=built.download,
+                           val_fraction=t.val_fraction, split_seed=t.split_seed, shuffle_seed=config.seed,
+                           device=built.device, data_args={k: v for k, v in config.data_args.items() if k in takes})
+    own = built.loaders
+    if (tuple(other.input_shape), other.num_classes) != (tuple(own.input_shape), own.num_classes):
+        raise SparsetrainError(
+            f"prune.dataset {name!r} has inputs of shape {tuple(other.input_shape)} and {other.num_classes} classes, "
+            f"but the run trains on {config.dataset!r} with {tuple(own.input_shape)} and {own.num_classes}: a mask "
+            "scored on one network fits only data of the same input shape and number of classes. Choose such a "
+            "data set (e.g. fashion-mnist for mnist), or leave prune.dataset unset"
+        )
+    return other
+
+
 def find_mask(config: RunConfig, built: Built) -> Mask | None:
     """The mask of ``config.prune`` for the built model (None for ``method = "dense"``); the
-    model is not changed."""
+    model is not changed. With ``prune.dataset`` the batches come from that data set
+    (:func:`scoring_loaders`): the mask is found on one data set and trained on another."""
     p = config.prune
     if p.method == DENSE:
         return None
@@ -215,7 +259,7 @@ def find_mask(config: RunConfig, built: Built) -> Mask | None:
         built.model,
         p.method,
         sparsity=p.sparsity,
-        batches=None if data_free else pruning_batches(built.loaders, p.batches, p.batch_size),
+        batches=None if data_free else pruning_batches(scoring_loaders(config, built), p.batches, p.batch_size),
         include_biases=p.include_biases,
         exclude=list(p.exclude) or None,
         scope=p.scope,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from . import baselines, snip  # noqa: F401  (importing the methods registers them)
 from . import force, grasp, synflow  # noqa: F401  (GraSP, SynFlow, iterative SNIP, FORCE)
+from . import snip_unsupervised  # noqa: F401  (SNIP from a label-free loss)
 from .axes import input_dims
 from .prune import as_batches, prune_at_init
 from .registry import (
