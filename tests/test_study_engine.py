@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -30,6 +31,7 @@ seed = 0
 method = "snip"
 sparsity = 0.5
 batches = 1
+batch_size = 16
 [train]
 optimizer = "sgd"
 momentum = 0.0
@@ -65,10 +67,14 @@ def k_stars(outcomes):
     return {p: steps_to_result([o for o in outcomes if o.point == p]) for p in points}
 
 
+reference_folders: list[Path] = []  # where the module's reference study lies
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The tiny study run to its end by one in-process worker, with early stopping."""
     root = tmp_path_factory.mktemp("reference")
+    reference_folders.append(root / "study")
     engine.plan(root / "study", spec_of(tiny_workload(root)))
     assert engine.work_loop(root / "study") == 6
     return engine.outcomes(root / "study")
@@ -98,6 +104,20 @@ def test_every_trial_status_has_one_run_status():
     o = TrialOutcome("w", 8, 0.5, 2, {"learning_rate": 0.1}, "complete", 30, [(10, 0.5), (20, math.nan), (30, 0.0)])
     again = TrialOutcome.from_dict(o.to_dict())
     assert again.curve[0] == (10, 0.5) and math.isnan(again.curve[1][1]) and again.steps_to_result == 30
+
+
+def test_trials_share_one_mask_per_seed_and_sparsity(reference, tmp_path):
+    # the reference study: B = 8 and 32, plan indexes (seeds) 0..2, one sparsity: three masks
+    folder = next(iter({Path(p) for p in reference_folders}))
+    masks = sorted((folder / engine.MASKS_DIR).iterdir())
+    assert len(masks) == 3
+    runs = RunStore(folder / "runs").list()
+    by_seed = {}
+    for r in runs:
+        by_seed.setdefault(r.seed, set()).add(r.config["mask"]["sha256"])
+        assert r.config["prune"]["method"] == "snip" and r.config["prune"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert sorted(by_seed) == [0, 1, 2] and all(len(shas) == 1 for shas in by_seed.values())
+    assert len({next(iter(shas)) for shas in by_seed.values()}) == 3  # each seed its own mask
 
 
 def test_reference_study_records_statuses_curves_and_optuna_states(reference, tmp_path):
@@ -209,7 +229,8 @@ def test_four_workers_one_killed_mid_trial_every_trial_recorded_once(tmp_path):
                     study = optuna.load_study(study_name=name, storage=storage)
                     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                         pid = int(t.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
-                        if pid in pids and t.intermediate_values:  # a worker mid-trial
+                        steps = t.intermediate_values
+                        if pid in pids and steps and max(steps) <= 150:  # a worker in the middle of 300 steps
                             os.kill(pid, signal.SIGKILL)
                             killed.append(pid)
                             return

@@ -7,7 +7,9 @@ A study lives in one folder:
 - ``optuna.db``: Optuna's RDB storage on a SQLite file, one Optuna study per (workload, batch size,
   sparsity) named by :func:`point_name`, each holding the fixed plan as enqueued trials;
 - ``runs/``: the run store; each trial is a run grouped under ``("study", <folder name>)``, its
-  whole validation curve in the run's metrics.
+  whole validation curve in the run's metrics;
+- ``masks/``: the masks trials share (:func:`shared_mask`): pruning at initialization depends on
+  the seed and the sparsity, not on the batch size or the metaparameters, so each is found once.
 
 Plan once, work many times. :func:`plan` enqueues every plan point once (a trial carries its
 ``plan_index`` as a user attribute); the workers never sample, they claim waiting trials
@@ -55,7 +57,7 @@ from sparsetrain.study.plan import plan_points
 from sparsetrain.study.workloads import SEARCH_SPACE, Workload
 from sparsetrain.train.loop import Callback
 
-SPEC_FILE, OPTUNA_FILE, RUNS_DIR = "study.json", "optuna.db", "runs"
+SPEC_FILE, OPTUNA_FILE, RUNS_DIR, MASKS_DIR = "study.json", "optuna.db", "runs", "masks"
 POLL_S = 1.0  # how often an idle worker looks again for trials to take over
 
 
@@ -274,6 +276,36 @@ def _heartbeat(storage, trial_id: int, interval: float):
         thread.join()
 
 
+def mask_config(config):
+    """The config a trial's mask is found with: the trial's, with the training batch size set to
+    the pruning batch size when there is one (so that the mask is the same for every batch size of
+    the study: with ``prune.batches = 0``, the whole training split in batches of that size, the
+    remainder batch included when it divides the split) and the searched metaparameters at the
+    workload's values (they do not touch pruning)."""
+    p = config.prune
+    return config.replace(train={"batch_size": p.batch_size or config.train.batch_size, "lr": 0.1, "momentum": 0.0,
+                                 "decay_every": 1, "end_lr_factor": 0.0, "schedule": "constant"})
+
+
+def shared_mask(folder: Path, config, *, data_dir=None, device=None):
+    """The mask of ``config`` (a trial's run config) from ``folder/masks``, found and written there
+    first if missing: one SNIP per (seed, sparsity) for the whole study instead of one per trial.
+    None for a dense trial. Two workers finding the same mask at once write the same bytes."""
+    from sparsetrain.masks import load_mask, save_mask
+    from sparsetrain.pipeline import DENSE, build, find_mask
+
+    if config.prune.method == DENSE:
+        return None
+    source = mask_config(config)
+    path = folder / MASKS_DIR / f"{source.key()}.safetensors"
+    if not path.exists():
+        built = build(source, data_dir=data_dir, device=device)
+        mask = find_mask(source, built)
+        save_mask(path, mask, {"key": source.key(), "model": source.model}, model=built.model,
+                  method=source.prune.method)
+    return load_mask(path)
+
+
 def _suggest(trial, params: dict[str, Any]) -> dict[str, Any]:
     """Record the enqueued values as the trial's parameters (with their ranges, for the dashboard)."""
     out = {}
@@ -305,7 +337,8 @@ def run_trial(folder: Path, spec: StudySpec, workload: Workload, batch_size: int
     watch = TrialWatch(trial, workload.goal_error, lambda: _best_known(study), spec.early_stop)
     with _heartbeat(study._storage, trial_id, spec.heartbeat_interval):
         try:
-            ran = run(config, store=store, data_dir=data_dir, device=device, progress=None,
+            mask = shared_mask(folder, config, data_dir=data_dir, device=device)
+            ran = run(config, store=store, data_dir=data_dir, device=device, progress=None, mask=mask,
                       group=("study", folder.resolve().name), callbacks=[watch], wait=True)
         except KeyboardInterrupt:
             give_back(study, trial_id)
