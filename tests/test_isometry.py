@@ -252,6 +252,14 @@ def test_run_with_isometry_records_its_report():
     assert "isometry" not in plain.results
 
 
+def test_isometry_before_sparse_execution():
+    """The stage runs before the pruned Linear layers become sparse ones, on the dense masked
+    weights; the sparse run trains from them."""
+    outcome = run(TINY.replace(prune={"isometry": True, "sparsity": 0.5}, train={"execution": "sparse"}),
+                  store=None, progress=False)
+    assert outcome.results["isometry"]["penalty_after"] < outcome.results["isometry"]["penalty_before"] / 10
+
+
 def test_cli_isometry_flag(capsys, tmp_path):
     code = main(["run", "--model", "mlp-tiny", "--dataset", "synthetic", "--no-progress", "--iterations", "5",
                  "--sparsity", "0.5", "--isometry", "--store", str(tmp_path / "s")])

@@ -201,7 +201,7 @@ def approximate_isometry_(model: nn.Module, mask: Mapping[str, torch.Tensor] | N
     params = parameter_names(model)[0]
     report = IsometryReport(method)
     plans = {}
-    for name, m in resolved.items():
+    for name in resolved:
         blocks, why = _blocks(model, name, params[name])
         if why:
             report.skipped[name] = why
