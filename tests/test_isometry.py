@@ -250,6 +250,8 @@ def test_run_with_isometry_records_its_report():
     assert iso["penalty_after"] < iso["penalty_before"] / 10
     plain = run(TINY.replace(prune={"sparsity": 0.5}), store=None, progress=False)
     assert "isometry" not in plain.results
+    dense = run(TINY.replace(prune={"method": "dense", "isometry": True}), store=None, progress=False)
+    assert dense.results["isometry"]["penalty_after"] < 1e-2  # no mask: every weight matrix, fully kept
 
 
 def test_isometry_before_sparse_execution():

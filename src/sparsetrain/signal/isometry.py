@@ -14,7 +14,7 @@ the masks ``C_l`` fixed, by plain SGD (lr 0.1, 10,000 steps) on all layers at on
   block-diagonal). A recurrent weight (``weight_ih``, ``weight_hh``: the gates stacked, 4 for an
   LSTM, 3 for a GRU, 1 for a vanilla RNN) is one matrix per gate: each gate's block is what
   multiplies the input or the previous hidden state, and the stacked ``(4h, h)`` matrix could
-  only reach ``W^T W = I`` with every gate at a quarter of an isometry.
+  only reach ``W^T W = I`` with every gate's Gram matrix at ``I / 4`` (singular values 1/2).
 - **Orientation.** spp-public always takes the Gram matrix of the output side, ``W W^T`` in
   PyTorch's layout, which cannot reach ``I`` when there are more outputs than inputs (its rank is
   at most the input count: a first convolution ``64 x 27``). Here each matrix uses the Gram
