@@ -221,8 +221,8 @@ def scoring_loaders(config: RunConfig, built: Built) -> Loaders:
     """The loaders the mask is scored on: the run's own, or with ``prune.dataset`` that data set's,
     built as the run's are (batch size, validation split, seed, from ``built.data_dir``, with the
     run's ``data_args`` that this data set also takes, such as ``view``), so its first pruning
-    batch is the one the run would score on that data set. Refused unless its examples have the run's input shape and its classes the run's count
-    (the model is built for those)."""
+    batch is the one the run would score on that data set. Refused unless its examples have the
+    run's input shape and its classes the run's count (the model is built for those)."""
     name = config.prune.dataset
     if not name or name == config.dataset:
         return built.loaders
