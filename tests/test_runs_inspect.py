@@ -458,6 +458,23 @@ def test_load_run_of_a_sparse_execution_run_is_dense_with_zeros(tmp_path):
     assert _test_error(loaded.model, config) == outcome.results["test_error_final"]
 
 
+def test_load_run_of_an_isometry_run_does_not_redo_the_isometry(tmp_path, monkeypatch):
+    """The weights come from the checkpoint: the isometry step is not run again to load them."""
+    import sparsetrain.pipeline as pipeline
+
+    config = st.RunConfig(model="mlp-tiny", dataset="synthetic").replace(
+        prune={"sparsity": 0.5, "isometry": True}, train=TRAIN)
+    outcome = st.run(config, store=tmp_path, progress=False, device="cpu")
+    assert outcome.results["isometry"]["penalty_after"] < outcome.results["isometry"]["penalty_before"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("approximate isometry ran while loading a recorded run")
+
+    monkeypatch.setattr(pipeline, "approximate_isometry_", refuse)
+    loaded = st.load_run(outcome.key, store=tmp_path)
+    assert _test_error(loaded.model, config) == outcome.results["test_error_final"]
+
+
 def test_load_run_refuses_what_has_no_final_weights(tmp_path):
     store = RunStore(tmp_path)
     store.begin("2222000011112222", st.RunConfig(model="mlp-tiny", dataset="synthetic").to_dict(), seed=0)

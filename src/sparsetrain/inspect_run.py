@@ -492,7 +492,9 @@ def load_run(key: str, store: RunStore | str | Path | None = None, device: str =
     if mask is None and config.prune.method != DENSE:
         raise SparsetrainError(f"run {record.key} was pruned ({config.prune.method}) but its mask file "
                                f"{mask_file} is missing; delete the run and run it again")
-    model, _ = init_under_mask(config, built, mask)  # the structure the run trained (sparse layers too)
+    # the structure the run trained (sparse layers too); its weights come from the checkpoint, so the
+    # isometry step (seconds to minutes on a large network) would only be thrown away
+    model, _ = init_under_mask(config.replace(prune={"isometry": False}), built, mask)
     model.load_state_dict(chosen)
     if config.train.execution == "sparse":
         from .sparse.training import densify_after_training_
