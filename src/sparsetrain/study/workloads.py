@@ -33,7 +33,6 @@ from sparsetrain.config import RunConfig
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.pipeline import DENSE
 from sparsetrain.recipes import load_recipe
-from sparsetrain.train.optim import SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +71,6 @@ SEARCH_SPACE: dict[str, Dimension] = {
     "end_learning_rate_factor": Dimension("end_learning_rate_factor", 1e-4, 0.1, "log", "end_lr_factor"),
 }
 """The metaparameters a study can search (effect-dps-public's names, ranges and scales)."""
-
-
-@SCHEDULES.register("linear-then-constant")
-def _linear_then_constant(cfg, total: int):
-    """Linear from lr to ``end_lr_factor`` * lr over ``decay_every`` steps, then constant: TF's
-    ``polynomial_decay(power=1, cycle=False)``, the decay effect-dps-public searches over."""
-    return lambda step: 1.0 - (1.0 - cfg.end_lr_factor) * min(step, cfg.decay_every) / cfg.decay_every
 
 
 @dataclasses.dataclass(frozen=True)

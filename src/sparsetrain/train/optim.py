@@ -51,6 +51,15 @@ def _linear(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return lambda step: 1.0 - (1.0 - cfg.end_lr_factor) * min(step, total) / total
 
 
+@SCHEDULES.register("linear-then-constant")
+def _linear_then_constant(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Linear from lr to ``end_lr_factor`` * lr over ``decay_every`` steps, then constant: TF's
+    ``polynomial_decay(power=1, cycle=False)``, the decay effect-dps-public searches over."""
+    if cfg.decay_every <= 0:
+        raise SparsetrainError("schedule 'linear-then-constant' needs decay_every > 0 (the steps of the decay)")
+    return lambda step: 1.0 - (1.0 - cfg.end_lr_factor) * min(step, cfg.decay_every) / cfg.decay_every
+
+
 @SCHEDULES.register("cosine")
 def _cosine(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     end = cfg.end_lr_factor
