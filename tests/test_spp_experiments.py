@@ -112,3 +112,25 @@ def test_spp_sculpt_widths_match_a_count_by_hand(mnist_root, tmp_path, monkeypat
     assert widths == {"dense": [100] * 6, "99%": expected}
     assert min(expected) < 100  # at 99% some units lose every connection
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spp_isometry_tiny_run_reports_curves_and_jsv_stages(mnist_root, tmp_path, monkeypatch):
+    from sparsetrain.experiments import spp_isometry
+    from sparsetrain.store import RunStore
+
+    monkeypatch.setattr(spp_isometry, "JSV_EXAMPLES", 5)
+    code, out = _cli("spp-isometry", tmp_path, "--rows", "mlp-7-linear", "--iterations", "50",
+                     "--data-dir", str(mnist_root))
+    assert code == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    plain, iso = data["rows"]["spp-isometry-mlp-7-linear-plain"], data["rows"]["spp-isometry-mlp-7-linear-iso"]
+    for row in (plain, iso):  # the reported end loss is the store's last logged training loss
+        (key,) = row["keys"]
+        logged = RunStore(tmp_path / "s").metrics(key)["train_loss"]
+        assert row["train_loss_end"] == [logged[-1][1]]
+    jsv = plain["jsv"]
+    # SNIP at 90% shrinks a linear MLP-7's JSV by orders of magnitude; isometry brings it back near 1
+    assert jsv["after pruning"]["mean"] < 0.1 * jsv["before pruning"]["mean"]
+    assert 0.5 < jsv["after isometry"]["mean"] < 2
+    assert "shortened" in out.read_text().splitlines()[0]
+    assert out.with_name("spp-isometry_mlp-7-linear.png").read_bytes()[:4] == b"\x89PNG"
