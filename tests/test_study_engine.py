@@ -142,11 +142,17 @@ class NaNInTraining(nn.Module):
         return out * torch.nan if self.training else out
 
 
-MODELS.register("study-test-nan")(NaNInTraining)
+@pytest.fixture
+def nan_model():
+    """A model registered for the test only: left in the registry it would show in every listing
+    of the models (tests/test_models_registry.py checks that listing)."""
+    MODELS.register("study-test-nan")(NaNInTraining)
+    yield "study-test-nan"
+    MODELS.unregister("study-test-nan")
 
 
-def test_a_diverging_trial_is_infeasible(tmp_path):
-    workload = tiny_workload(tmp_path, iterations=60, model="study-test-nan")
+def test_a_diverging_trial_is_infeasible(tmp_path, nan_model):
+    workload = tiny_workload(tmp_path, iterations=60, model=nan_model)
     folder = tmp_path / "study"
     engine.plan(folder, spec_of(workload, batch_sizes=(8,), sparsities=(0.0,), trials=1))
     engine.work_loop(folder)

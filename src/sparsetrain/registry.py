@@ -52,3 +52,8 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests and notebooks that register one for a while: a name left behind
+        shows in every listing of the registry, e.g. ``sparsetrain list models``)."""
+        self._entries.pop(name, None)

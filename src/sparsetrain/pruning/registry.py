@@ -81,13 +81,7 @@ class MethodSpec:
         return self.scores(ctx, options)
 
 
-class _MethodRegistry(Registry):
-    def unregister(self, name: str) -> None:
-        """Remove a method (tests and notebooks that register one for a while)."""
-        self._entries.pop(name, None)
-
-
-METHODS = _MethodRegistry("pruning method")
+METHODS = Registry("pruning method")
 
 
 def register_method(name: str, *, options: type | None = None, data_free: bool = False) -> Callable[[ScoreFn], ScoreFn]:
