@@ -249,6 +249,19 @@ def holds_full_table(out: Path) -> bool:
     return first.startswith("#") and f"({SHORTENED}:" not in first
 
 
+def untrained_rows(options: ReproduceOptions, name: str, rows, kind: str) -> list[str]:
+    """The rows of an experiment that trains nothing (``options.rows``, default all of ``rows``),
+    refusing ``--iterations`` and unknown rows, whose ``kind`` (networks, data sets) the message
+    names."""
+    if options.iterations is not None:
+        raise SparsetrainError(f"{name} trains nothing (it prunes at initialisation only); leave out --iterations")
+    chosen = list(options.rows or rows)
+    unknown = [r for r in chosen if r not in rows]
+    if unknown:
+        raise SparsetrainError(f"unknown row(s) {unknown}; {name}'s rows are {kind}: {', '.join(rows)}")
+    return chosen
+
+
 def check_out(options: ReproduceOptions, reasons: list[str]) -> None:
     """Refuse, before anything trains, to write a shortened table over a full one."""
     if reasons and not options.force and holds_full_table(Path(options.out)):

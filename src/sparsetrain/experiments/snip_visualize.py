@@ -31,7 +31,7 @@ from ..init import initialize_
 from ..measure import Provenance, write_report
 from ..models import create_model
 from ..pruning import prune_at_init
-from .common import EXPERIMENTS, ReproduceOptions
+from .common import EXPERIMENTS, ReproduceOptions, untrained_rows
 from .grid import new_figure, save_png
 
 MODEL = "lenet-300-100"
@@ -141,13 +141,7 @@ def _summary(m: torch.Tensor) -> dict:
 
 @EXPERIMENTS.register("snip-visualize")
 def reproduce_snip_visualize(options: ReproduceOptions) -> None:
-    if options.iterations is not None:
-        raise SparsetrainError("snip-visualize trains nothing (it prunes at initialisation only); "
-                               "leave out --iterations")
-    datasets = list(options.rows or DATASETS)
-    unknown = [d for d in datasets if d not in DATASETS]
-    if unknown:
-        raise SparsetrainError(f"unknown row(s) {unknown}; snip-visualize's rows are data sets: {', '.join(DATASETS)}")
+    datasets = untrained_rows(options, "snip-visualize", DATASETS, "data sets")
     seed = options.seeds[0]
     provenance = Provenance.now(options.command)
     started = time.time()

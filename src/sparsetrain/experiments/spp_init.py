@@ -36,7 +36,7 @@ from ..init import initialize_
 from ..measure import Provenance, write_report
 from ..models import create_model
 from ..pruning import prune_at_init
-from .common import EXPERIMENTS, ReproduceOptions
+from .common import EXPERIMENTS, ReproduceOptions, untrained_rows
 from .grid import new_figure, png_beside, save_png
 
 ROWS = ("mlp-7-tanh", "vgg-like")
@@ -92,13 +92,7 @@ def surviving_units(mask, layers) -> list[int]:
 
 
 def _check(options: ReproduceOptions, name: str) -> list[str]:
-    if options.iterations is not None:
-        raise SparsetrainError(f"{name} trains nothing (it prunes at initialisation only); leave out --iterations")
-    rows = list(options.rows or ROWS)
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SparsetrainError(f"unknown row(s) {unknown}; {name}'s rows are networks: {', '.join(ROWS)}")
-    return rows
+    return untrained_rows(options, name, ROWS, "networks")
 
 
 @EXPERIMENTS.register("spp-init")

@@ -27,7 +27,7 @@ from ..measure import Provenance, write_report
 from ..models import create_model
 from ..pruning import prune_at_init
 from ..signal.jsv import input_output_jsv
-from .common import EXPERIMENTS, ReproduceOptions
+from .common import EXPERIMENTS, ReproduceOptions, untrained_rows
 from .grid import new_figure, png_beside, save_png
 
 ROWS = ("mlp-7-linear", "mlp-7-tanh")
@@ -61,13 +61,7 @@ def jsv_against_sparsity(row: str, sparsities, seed: int, data_dir=None, example
 
 @EXPERIMENTS.register("spp-jsv-sparsity")
 def reproduce_spp_jsv_sparsity(options: ReproduceOptions) -> None:
-    if options.iterations is not None:
-        raise SparsetrainError("spp-jsv-sparsity trains nothing (it prunes at initialisation only); "
-                               "leave out --iterations")
-    rows = list(options.rows or ROWS)
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SparsetrainError(f"unknown row(s) {unknown}; spp-jsv-sparsity's rows are networks: {', '.join(ROWS)}")
+    rows = untrained_rows(options, "spp-jsv-sparsity", ROWS, "networks")
     seed, started, provenance = options.seeds[0], time.time(), Provenance.now(options.command)
     results = {row: jsv_against_sparsity(row, SPARSITIES, seed, options.data_dir) for row in rows}
     out = Path(options.out)
