@@ -17,7 +17,6 @@ finished records per cell, and the figure written atomically beside the table.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any, Iterable
 
 from ..config import RunConfig
 from ..errors import SparsetrainError
-from ..fsio import atomic_write
 from ..measure import Provenance
 from ..recipes import recipe_path
 from ..store import RunRecord, RunStore
@@ -120,31 +118,6 @@ def run_grid(cells: list[Cell], options: ReproduceOptions, group: tuple[str, str
 def curves_of(store: str | Path, record: RunRecord) -> dict[str, list[tuple[int, float]]]:
     """The logged curves of a finished run (metric -> [(iteration, value)])."""
     return RunStore(store).metrics(record.key)
-
-
-def save_png(fig: Any, path: str | Path) -> Path:
-    """Write a matplotlib figure as PNG to ``path`` atomically (site ``report``)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    path = Path(path)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()), what="report")
-    return path
-
-
-def new_figure(width: float, height: float):
-    """A matplotlib Figure on the Agg canvas (no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def png_beside(out: str | Path, suffix: str = "") -> Path:
-    """The figure's path beside the table: ``<out stem><suffix>.png``."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}{suffix}.png")
 
 
 def raise_failures(failures: list[str]) -> None:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import statistics
 
 from .common import EXPERIMENTS, ReproduceOptions, mean_std, titled
-from .grid import Cell, GridResult, curves_of, new_figure, png_beside, raise_failures, run_grid, save_png
+from .grid import Cell, GridResult, curves_of, raise_failures, run_grid
+from ..measure import new_figure, png_beside, save_png
 
 GROUP = ("experiment", "snip-memorization")
 #: network -> (its Table 1 dense recipe, its SNIP recipe at the Table 1 sparsity used here)

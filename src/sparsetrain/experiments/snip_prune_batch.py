@@ -18,7 +18,8 @@ examples are the first of the training stream's first epoch (``prune.batch_size`
 from __future__ import annotations
 
 from .common import EXPERIMENTS, ReproduceOptions, mean_std, titled
-from .grid import Cell, GridResult, new_figure, png_beside, raise_failures, run_grid, save_png
+from .grid import Cell, GridResult, raise_failures, run_grid
+from ..measure import new_figure, png_beside, save_png
 
 GROUP = ("experiment", "snip-prune-batch")
 SPARSITY = 0.90

@@ -29,7 +29,8 @@ from __future__ import annotations
 import statistics
 
 from .common import EXPERIMENTS, ReproduceOptions, mean_std, titled
-from .grid import Cell, GridResult, new_figure, png_beside, raise_failures, run_grid, save_png
+from .grid import Cell, GridResult, raise_failures, run_grid
+from ..measure import new_figure, png_beside, save_png
 
 GROUP = ("experiment", "snip-sparsity")
 SPARSITIES = (0.90, 0.95, 0.97, 0.98, 0.99)

@@ -25,7 +25,8 @@ import statistics
 
 from ..init import TABLE3_SCHEMES, with_zero_bias
 from .common import EXPERIMENTS, ReproduceOptions, mean_std, titled
-from .grid import Cell, GridResult, new_figure, png_beside, raise_failures, run_grid, save_png
+from .grid import Cell, GridResult, raise_failures, run_grid
+from ..measure import new_figure, png_beside, save_png
 
 GROUP = ("experiment", "snip-table3")
 SPARSITY = 0.90

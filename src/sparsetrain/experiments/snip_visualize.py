@@ -32,7 +32,7 @@ from ..measure import Provenance, write_report
 from ..models import create_model
 from ..pruning import prune_at_init
 from .common import EXPERIMENTS, ReproduceOptions, untrained_rows
-from .grid import new_figure, save_png
+from ..measure import new_figure, save_png
 
 MODEL = "lenet-300-100"
 INIT = "variance-scaling"  # the Table 1 recipes' initialisation

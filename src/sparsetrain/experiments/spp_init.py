@@ -37,7 +37,7 @@ from ..measure import Provenance, write_report
 from ..models import create_model
 from ..pruning import prune_at_init
 from .common import EXPERIMENTS, ReproduceOptions, untrained_rows
-from .grid import new_figure, png_beside, save_png
+from ..measure import new_figure, png_beside, save_png
 
 ROWS = ("mlp-7-tanh", "vgg-like")
 INITS = ("variance-scaling", "orthogonal", "normal:std=1.0", "normal:std=0.001")

@@ -20,7 +20,8 @@ import statistics
 
 from ..signal.stages import STAGES, signal_stages
 from .common import EXPERIMENTS, ReproduceOptions, mean_std, titled
-from .grid import Cell, GridResult, curves_of, new_figure, png_beside, raise_failures, run_grid, save_png
+from .grid import Cell, GridResult, curves_of, raise_failures, run_grid
+from ..measure import new_figure, png_beside, save_png
 
 GROUP = ("experiment", "spp-isometry")
 SPARSITY = 0.9

@@ -28,7 +28,7 @@ from ..models import create_model
 from ..pruning import prune_at_init
 from ..signal.jsv import input_output_jsv
 from .common import EXPERIMENTS, ReproduceOptions, untrained_rows
-from .grid import new_figure, png_beside, save_png
+from ..measure import new_figure, png_beside, save_png
 
 ROWS = ("mlp-7-linear", "mlp-7-tanh")
 SPARSITIES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98, 0.99)

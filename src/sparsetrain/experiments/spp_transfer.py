@@ -19,7 +19,8 @@ target, own mask beside transferred mask).
 from __future__ import annotations
 
 from .common import EXPERIMENTS, ReproduceOptions, mean_std, titled
-from .grid import Cell, GridResult, new_figure, png_beside, raise_failures, run_grid, save_png
+from .grid import Cell, GridResult, raise_failures, run_grid
+from ..measure import new_figure, png_beside, save_png
 
 GROUP = ("experiment", "spp-transfer")
 #: Table 1's recipes (network -> recipe); the sparsity, the target and the source change.

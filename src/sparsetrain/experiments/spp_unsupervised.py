@@ -25,7 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import EXPERIMENTS, ReproduceOptions, mean_std, titled
-from .grid import Cell, GridResult, new_figure, png_beside, raise_failures, run_grid, save_png
+from .grid import Cell, GridResult, raise_failures, run_grid
+from ..measure import new_figure, png_beside, save_png
 
 GROUP = ("experiment", "spp-unsupervised")
 #: Table 1's recipes (network -> recipe); only the sparsity and the method change.

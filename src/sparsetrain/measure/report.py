@@ -20,6 +20,7 @@ measurement starts (hence :meth:`Provenance.now` is called by the caller, not by
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
 import os
@@ -28,11 +29,11 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..fsio import atomic_write_many
+from ..fsio import atomic_write, atomic_write_many
 from ..machine import cpu_model, machine_description
 
 __all__ = ["Provenance", "load_average", "publish_report", "write_report"]
@@ -134,3 +135,31 @@ def _finite(x):
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG to ``path`` atomically (site ``report``)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path = Path(path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()), what="report")
+    return path
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_beside(out: str | Path, suffix: str = "") -> Path:
+    """The figure's path beside the table: ``<out stem><suffix>.png``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}{suffix}.png")

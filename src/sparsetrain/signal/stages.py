@@ -134,7 +134,7 @@ def _sparsity(mask) -> float:
 def plot_histograms(report: SignalReport, path: str | Path, bins: int = 50) -> Path:
     """One PNG: the input-output singular values' histogram per stage (left), and each layer's
     mean singular value per stage (right)."""
-    from ..experiments.grid import new_figure, save_png
+    from ..measure import new_figure, save_png
 
     fig = new_figure(9.0, 3.4)
     ax = fig.add_subplot(1, 2, 1)

@@ -207,7 +207,7 @@ def plot_k_star(study_points: Sequence[Point], line_fits: Mapping[tuple[str, flo
     diamond) and regime boundaries (bars at critical / f and critical * f); a panel of K* normalised
     by its value at the smallest batch size; and one panel per fitted sparsity shading its three
     regimes."""
-    from sparsetrain.experiments.grid import new_figure, save_png
+    from sparsetrain.measure import new_figure, save_png
 
     lines: dict[float, list[Point]] = {}
     for p in study_points:

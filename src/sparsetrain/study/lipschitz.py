@@ -217,7 +217,7 @@ def along_training(config, *, every: int = 1000, chunk: int = 1000, examples: in
 def plot_lipschitz(curves: Mapping[float, Sequence[tuple[int, float]]], path: str | Path, *, title: str = "") -> Path:
     """Write L against training steps, one line per sparsity (``{sparsity: [(step, L)]}``), to
     ``path`` (PNG, atomically)."""
-    from sparsetrain.experiments.grid import new_figure, save_png
+    from sparsetrain.measure import new_figure, save_png
 
     fig = new_figure(5.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
