@@ -1,0 +1,468 @@
+"""Many trials of one study point trained at once on one device ("packing").
+
+The trials of one (workload, batch size, sparsity) share everything but their seed (their plan
+index: their own initialization, mask and data order) and their metaparameters (learning rate,
+momentum, decay steps, end learning-rate factor). A pack of K such trials keeps every parameter
+stacked, ``(K, *shape)``, with the masks stacked beside them, and trains all K with one call per
+step: ``torch.func.vmap`` over ``grad_and_value`` of ``functional_call`` on one module, each
+trial on its own batch (``(K, B, ...)``, trial k's batch being the one its run alone would draw
+at that step). SGD (plain, momentum, Nesterov, weight decay) is written on the stacked tensors
+with the metaparameters as ``(K,)`` tensors, in the order ``torch.optim.SGD`` applies them; the
+learning rate of each step is each trial's own schedule (the same registered schedule functions
+a single run uses). Gradients are multiplied by the mask, as :class:`~sparsetrain.masks.GradientMask`
+does for a single run.
+
+Each trial keeps the single loop's bookkeeping (:func:`sparsetrain.train.loop.train`): the
+running training loss checked every 50 steps (not finite: the trial ends 'infeasible' there),
+the full validation error every ``val_every`` steps, its own callbacks (``TrialWatch``'s early
+stop, :class:`~sparsetrain.train.loop.StopAtGoal` for ``goal_error``), and leaves the pack at its
+own end, with its test errors measured as the single run measures them. A packed trial's curve
+equals the same trial run alone up to float rounding (vmap's batched kernels sum in another
+order): tests/test_study_packed.py checks every check's error to 1e-5 and the early-stop step.
+
+What can be packed (:func:`why_not_packable`): SGD, dense execution, models without buffers or
+dropout (batch norm's running statistics and dropout's random draws are not per-trial here), and
+trials whose configs differ only in seed and the searched metaparameters. Anything else runs one
+trial at a time, which stays the reference.
+
+Whether packing pays depends on the device and the step's size: on a GPU a small network at a
+small batch leaves most of the device idle, and a pack fills it; on a CPU the per-step work is
+already spread over the cores, and vmap's grouped convolutions can be slower than K separate ones.
+:func:`measure` times a few steps of a pack against the same steps one trial at a time, in the
+same process, and :func:`choose` packs only where the measured ratio pays.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsetrain.batches import logits_of
+from sparsetrain.config import RunConfig
+from sparsetrain.errors import SparsetrainError
+from sparsetrain.masks import Mask, resolve_mask
+from sparsetrain.models import create_model
+from sparsetrain.init import initialize_
+from sparsetrain.pipeline import Built, build, init_under_mask
+from sparsetrain.threads import training_threads
+from sparsetrain.train.loop import FINISHED, INFEASIBLE, STOPPED, Callback, StopAtGoal, TrainResult
+from sparsetrain.train.optim import SCHEDULES, total_iterations
+
+#: The settings trials of one pack may differ in (besides the seed): the searched metaparameters.
+PER_TRIAL = ("lr", "momentum", "decay_every", "end_lr_factor")
+#: The pack size ``--pack auto`` tries.
+AUTO_PACK = 16
+#: ``--pack auto`` packs when a pack trains at least this many times the trials per second of one
+#: trial at a time (a margin over 1: the measurement is a few steps on a possibly loaded machine).
+PAYS = 1.2
+LOSS_EVERY = 50  # the single loop reads its running training loss every 50 steps
+
+
+def parse_pack(text: str | int) -> str | int:
+    """``--pack``'s value: ``"auto"`` or a whole number >= 1 (1: one trial at a time).
+
+    >>> parse_pack("auto"), parse_pack("8"), parse_pack(1)
+    ('auto', 8, 1)
+    """
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = 0
+    if isinstance(text, bool) or value < 1 or str(value) != str(text).strip():
+        raise SparsetrainError(f"--pack takes auto or a whole number >= 1 (1: one trial at a time, K: up to K "
+                               f"trials of a point trained together); got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- what packs
+
+
+def why_not_packable(configs: list[RunConfig]) -> str | None:
+    """Why these trial configs cannot train as one pack (None: they can)."""
+    if not configs:
+        return "no trials"
+    first = configs[0]
+    t = first.train
+    if t.optimizer != "sgd":
+        return f"optimizer {t.optimizer!r} (packing writes SGD's update: plain, momentum, Nesterov)"
+    if t.execution != "dense":
+        return f"execution {t.execution!r} (packing trains dense tensors under masks)"
+    if t.val_every <= 0:
+        return "no validation checks (train.val_every 0)"
+
+    def shared(c: RunConfig) -> dict[str, Any]:
+        d = c.replace(seed=0, train={k: getattr(t, k) for k in PER_TRIAL}).to_dict()
+        d.pop("name", None)
+        return d
+
+    base = shared(first)
+    for c in configs[1:]:
+        if shared(c) != base:
+            return "trials that differ in more than their seed and searched metaparameters"
+    return None
+
+
+def why_not_packable_model(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be trained stacked (None: it can)."""
+    if any(True for _ in model.buffers()):
+        return f"{type(model).__name__} has buffers (e.g. batch norm's running statistics)"
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+        return f"{type(model).__name__} has dropout (its random draws would not be each trial's own)"
+    return None
+
+
+# ----------------------------------------------------------------------------- one pack
+
+
+@dataclass
+class Member:
+    """One trial of a pack: its run ``config`` and ``mask`` (None: dense), ``callbacks`` as the
+    single loop takes them, ``on_metrics(step, values)`` for every value measured, and
+    ``on_end(result)`` called as soon as the trial leaves the pack (before the others go on)."""
+
+    config: RunConfig
+    mask: Mask | None = None
+    callbacks: list[Callback] = field(default_factory=list)
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None
+    on_end: Callable[[TrainResult], None] | None = None
+
+
+def _reseeded(stream, seed: int):
+    """The training stream ``stream`` with another shuffle seed (the data tensors shared)."""
+    other = copy.copy(stream)
+    other.seed, other._perm_epoch, other._perm = seed, None, None
+    return other
+
+
+class Pack:
+    """K trials' stacked state, trained a step at a time. Built as each trial's single run would
+    be built (:func:`sparsetrain.pipeline.build` for the first, the same data with each trial's
+    seed for the others; :func:`~sparsetrain.pipeline.init_under_mask` for each)."""
+
+    def __init__(self, members: list[Member], *, data_dir: str | Path | None = None, device=None,
+                 download: bool = True):
+        why = why_not_packable([m.config for m in members])
+        if why is not None:
+            raise SparsetrainError(f"these trials cannot be packed: {why}; run them one at a time (--pack 1)")
+        self.members = list(members)
+        first = members[0].config
+        built0 = build(first, data_dir=data_dir, device=device, download=download)
+        self.device, self.loaders = built0.device, built0.loaders
+        models, self.streams = [], []
+        for m in members:
+            if m is members[0]:
+                built = built0
+            else:  # pipeline.build's model stage with this trial's seed, on the same data
+                loaders = dataclasses.replace(built0.loaders, train=_reseeded(built0.loaders.train, m.config.seed))
+                model = create_model(m.config.model, input_shape=loaders.input_shape,
+                                     num_classes=loaders.num_classes, **m.config.model_args).to(self.device)
+                initialize_(model, m.config.init, m.config.seed)
+                built = Built(m.config, loaders, model, self.device, data_dir=data_dir, download=download)
+            model, _ = init_under_mask(m.config, built, m.mask)
+            why = why_not_packable_model(model)
+            if why is not None:
+                raise SparsetrainError(f"these trials cannot be packed: {why}; run them one at a time (--pack 1)")
+            models.append(model)
+            self.streams.append(built.loaders.train)
+        self.module = models[0]  # the structure functional_call runs; its own tensors are not used
+        self.names = [n for n, _ in self.module.named_parameters()]
+        self.params = {n: torch.stack([dict(md.named_parameters())[n].detach() for md in models])
+                       for n in self.names}  # (K, *shape) each
+        self.masks = self._stack_masks(models)
+        t = first.train
+        self.total = total_iterations(t, self.loaders.train.steps_per_epoch)
+        self.weight_decay, self.nesterov = t.weight_decay, t.nesterov
+        self.schedules = [SCHEDULES.create(t.schedule, m.config.train, self.total) for m in members]
+        self.base_lr = [m.config.train.lr for m in members]
+        self.momentum = torch.tensor([m.config.train.momentum for m in members], device=self.device)
+        self.uses_momentum = any(m.config.train.momentum != 0 for m in members)
+        self.buffers: dict[str, torch.Tensor] | None = None
+        self.step_fn = torch.func.vmap(torch.func.grad_and_value(self._loss, has_aux=True))
+        self.eval_fn = torch.func.vmap(self._logits, in_dims=(0, None))
+
+    def _stack_masks(self, models) -> dict[str, torch.Tensor]:
+        per_trial = [resolve_mask(m.mask, md) if m.mask is not None else {} for m, md in zip(self.members, models)]
+        names = [n for n in self.names if any(n in r for r in per_trial)]
+        return {n: torch.stack([r[n].to(self.params[n].dtype) if n in r else torch.ones_like(self.params[n][0])
+                                for r in per_trial]).to(self.device) for n in names}
+
+    def _loss(self, params, x, y):
+        logits = logits_of(torch.func.functional_call(self.module, params, (x,)))
+        return F.cross_entropy(logits, y), logits
+
+    def _logits(self, params, x):
+        return logits_of(torch.func.functional_call(self.module, params, (x,)))
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def lr_at(self, step: int) -> list[float]:
+        """Each trial's learning rate for step ``step`` (1-based): LambdaLR's ``base * f(step - 1)``."""
+        return [lr * f(step - 1) for lr, f in zip(self.base_lr, self.schedules)]
+
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Train step ``step`` (1-based) of every trial: returns the losses (K,), logits (K, B, C)
+        and targets (K, B)."""
+        batches = [s.batch(step - 1) for s in self.streams]
+        x = torch.stack([b[0] for b in batches])  # (K, B, ...)
+        y = torch.stack([b[1] for b in batches])  # (K, B)
+        self.module.train()
+        grads, (loss, logits) = self.step_fn(self.params, x, y)
+        lr = torch.tensor(self.lr_at(step), device=self.device)
+        first = self.buffers is None
+        if first and self.uses_momentum:
+            self.buffers = {}
+        for n in self.names:
+            p, g = self.params[n], grads[n]
+            if n in self.masks:
+                g = g * self.masks[n]  # GradientMask.after_backward
+            view = (-1,) + (1,) * (p.dim() - 1)
+            if self.weight_decay != 0:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.uses_momentum:  # torch.optim.SGD: buf = g at the first step, then mu * buf + g
+                mu = self.momentum.view(view)
+                if first:
+                    self.buffers[n] = g.clone()
+                else:
+                    self.buffers[n].mul_(mu).add_(g)
+                buf = self.buffers[n]
+                g = g + mu * buf if self.nesterov else buf
+            p.sub_(lr.view(view) * g)
+        return loss.detach(), logits.detach(), y
+
+    @torch.no_grad()
+    def evaluate(self, loader, keep: list[int] | None = None) -> tuple[list[float], list[float]]:
+        """(errors, mean losses) of the trials ``keep`` (default all) over ``loader``, in inference
+        mode; each evaluation batch is split so that K trials' activations fit as one batch would."""
+        params = self.params if keep is None else {n: p[keep] for n, p in self.params.items()}
+        k = next(iter(params.values())).shape[0]
+        self.module.eval()
+        wrong = torch.zeros(k, dtype=torch.long, device=self.device)
+        loss_sum, n = [0.0] * k, 0
+        for x, y in loader:
+            chunk = max(1, len(x) // k)
+            for start in range(0, len(x), chunk):
+                xs, ys = x[start:start + chunk], y[start:start + chunk]
+                logits = self.eval_fn(params, xs)  # (k, b, C)
+                losses = F.cross_entropy(logits.flatten(0, 1), ys.repeat(k), reduction="none").view(k, -1).sum(1)
+                loss_sum = [a + float(b) for a, b in zip(loss_sum, losses)]
+                wrong += (logits.argmax(-1) != ys).sum(1)
+                n += len(xs)
+        self.module.train()
+        return [int(w) / n for w in wrong], [s / n for s in loss_sum]
+
+    def trial_params(self, i: int) -> dict[str, torch.Tensor]:
+        return {n: p[i].clone() for n, p in self.params.items()}
+
+    def drop(self, gone: list[int]) -> None:
+        """Remove the trials at positions ``gone`` from the pack."""
+        keep = [i for i in range(len(self.members)) if i not in set(gone)]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.params = {n: p.index_select(0, index).contiguous() for n, p in self.params.items()}
+        self.masks = {n: m.index_select(0, index).contiguous() for n, m in self.masks.items()}
+        if self.buffers is not None:
+            self.buffers = {n: b.index_select(0, index).contiguous() for n, b in self.buffers.items()}
+        self.momentum = self.momentum.index_select(0, index)
+        for name in ("members", "streams", "schedules", "base_lr"):
+            setattr(self, name, [getattr(self, name)[i] for i in keep])
+
+
+@dataclass
+class _Track:
+    """One trial's bookkeeping: the single loop's running loss, best validation state, curves."""
+
+    member: Member
+    callbacks: list[Callback]
+    loss: Any = 0.0
+    wrong: Any = 0
+    n: int = 0
+    batches: int = 0
+    best_step: int | None = None
+    best_val_error: float | None = None
+    best_params: dict[str, torch.Tensor] | None = None
+    min_test_error: float = math.inf
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.curves.setdefault(k, []).append((step, v))
+        if self.member.on_metrics is not None:
+            self.member.on_metrics(step, values)
+
+
+def train_pack(members: list[Member], *, data_dir: str | Path | None = None, device=None,
+               download: bool = True) -> list[TrainResult]:
+    """Train ``members`` together (see the module docstring); each trial's
+    :class:`~sparsetrain.train.loop.TrainResult` in the members' order, each as its run alone
+    would end (status, steps, curves, test errors; ``seconds``: the pack's time until it left)."""
+    pack = Pack(members, data_dir=data_dir, device=device, download=download)
+    tracks = [_Track(m, list(m.callbacks) + ([StopAtGoal(m.config.train.goal_error)]
+                                             if m.config.train.goal_error > 0 else [])) for m in members]
+    results: dict[int, TrainResult] = {}
+    ids = list(range(len(members)))  # the members' positions in the caller's list, for the live trials
+    t = members[0].config.train
+    started = time.perf_counter()
+    torch.manual_seed(members[0].config.seed)  # as the loop does (nothing here draws from it)
+    batch = t.batch_size * len(members)
+    with training_threads(pack.module, pack.loaders.input_shape, batch, pack.device):
+        for step in range(1, pack.total + 1):
+            if not len(pack):
+                break
+            losses, logits, targets = pack.step(step)
+            wrong = (logits.argmax(-1) != targets).sum(1)  # (k,)
+            last = step == pack.total
+            lrs = pack.lr_at(step + 1)  # after schedule.step(): what get_last_lr() shows
+            ending: list[tuple[int, str, str | None]] = []  # (position, status, reason)
+            check = pack.loaders.val is not None and (last or step % t.val_every == 0)
+            val = pack.evaluate(pack.loaders.val) if check else None
+            test = pack.evaluate(pack.loaders.test) if t.test_every and step % t.test_every == 0 and not last \
+                else None
+            for i, tr in enumerate(tracks):
+                tr.loss, tr.wrong = losses[i] + tr.loss, wrong[i] + tr.wrong
+                tr.n, tr.batches = tr.n + t.batch_size, tr.batches + 1
+                stops = [c.on_step(step, losses[i]) for c in tr.callbacks]
+                if step % LOSS_EVERY == 0 or last:
+                    train_loss, train_error = float(tr.loss) / tr.batches, float(tr.wrong) / tr.n
+                    tr.loss, tr.wrong, tr.n, tr.batches = 0.0, 0, 0, 0
+                    if not math.isfinite(train_loss):
+                        tr.record(step, {"train_loss": train_loss})
+                        ending.append((i, INFEASIBLE, f"the training loss is {train_loss} at iteration {step}"))
+                        continue
+                    tr.record(step, {"train_loss": train_loss, "lr": lrs[i], "train_error": train_error})
+                if val is not None:
+                    metrics = {"val_error": val[0][i], "val_loss": val[1][i]}
+                    tr.record(step, metrics)
+                    if tr.best_val_error is None or metrics["val_error"] < tr.best_val_error:
+                        tr.best_step, tr.best_val_error = step, metrics["val_error"]
+                        tr.best_params = pack.trial_params(i)
+                    stops += [c.on_eval(step, metrics) for c in tr.callbacks]
+                if test is not None:
+                    tr.record(step, {"test_error": test[0][i]})
+                    tr.min_test_error = min(tr.min_test_error, test[0][i])
+                reason = next((r for r in stops if r), None)
+                if reason:
+                    ending.append((i, STOPPED, reason))
+                elif last:
+                    ending.append((i, FINISHED, None))
+            for i, status, reason in ending:
+                result = _end(pack, tracks[i], i, step, status, reason, time.perf_counter() - started)
+                results[ids[i]] = result
+                if tracks[i].member.on_end is not None:
+                    tracks[i].member.on_end(result)
+            if ending:
+                gone = [i for i, _, _ in ending]
+                pack.drop(gone)
+                tracks = [tr for i, tr in enumerate(tracks) if i not in gone]
+                ids = [x for i, x in enumerate(ids) if i not in gone]
+    return [results[i] for i in range(len(members))]
+
+
+def _end(pack: Pack, tr: _Track, i: int, step: int, status: str, reason: str | None, seconds: float) -> TrainResult:
+    """Trial ``i``'s result as the single loop ends it: nothing tested after divergence; else the
+    test error of the final weights and of the best validation check's."""
+    t = tr.member.config.train
+    if status == INFEASIBLE:
+        return TrainResult(steps=step, final_test_error=None, final_val_error=None, best_val_step=tr.best_step,
+                           best_val_error=tr.best_val_error, best_val_test_error=None, min_test_error=None,
+                           seconds=seconds, curves=tr.curves, status=status, stop_reason=reason)
+    (final_test,), (final_loss,) = pack.evaluate(pack.loaders.test, keep=[i])
+    tr.record(step, {"test_error": final_test, "test_loss": final_loss})
+    best_test = None
+    if tr.best_params is not None:
+        saved = pack.params
+        pack.params = {n: p.unsqueeze(0) for n, p in tr.best_params.items()}
+        try:
+            (best_test,), _ = pack.evaluate(pack.loaders.test)
+        finally:
+            pack.params = saved
+    min_test = min(tr.min_test_error, final_test) if t.test_every else None
+    last_val = tr.curves.get("val_error", [(None, None)])[-1][1]
+    return TrainResult(steps=step, final_test_error=final_test, final_val_error=last_val, best_val_step=tr.best_step,
+                       best_val_error=tr.best_val_error, best_val_test_error=best_test, min_test_error=min_test,
+                       seconds=seconds, curves=tr.curves, status=status, stop_reason=reason)
+
+
+# ----------------------------------------------------------------------------- does it pay
+
+
+def _single_stepper(member: Member, pack: Pack, index: int):
+    """One trial's step as the single loop takes it (module forward/backward, the mask's
+    gradient hook, ``torch.optim.SGD``), on a copy of the pack's trial ``index``."""
+    from sparsetrain.batches import forward_loss
+    from sparsetrain.masks import GradientMask
+    from sparsetrain.train.optim import build_optimizer
+
+    model = copy.deepcopy(pack.module)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(pack.params[n][index])
+    hooks = [GradientMask(model, {n: m[index].bool() for n, m in pack.masks.items()})] if pack.masks else []
+    optimizer = build_optimizer(model.parameters(), member.config.train)
+    stream = pack.streams[index]
+
+    def step(s: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = forward_loss(model, stream.batch(s - 1))
+        loss.backward()
+        for h in hooks:
+            h.after_backward()
+        optimizer.step()
+        float(loss.detach())  # the device finishes the step before the clock is read
+
+    return step
+
+
+def measure(members: list[Member], *, steps: int = 3, rounds: int = 5, data_dir=None, device=None,
+            download: bool = True) -> dict[str, Any]:
+    """Time ``steps`` steps of a pack of ``members`` against the same steps taken one trial at a
+    time (each trial's single-run step), interleaved over ``rounds`` rounds after one warm-up
+    round; medians. Returns ``{"pack": K, "pack_s": s, "single_s": s, "ratio": r}``: ``ratio``
+    = (K trials' single steps' time) / (the pack's steps' time), the trials per hour the pack
+    gains (> 1: packing pays). Nothing is recorded and the trials are not advanced."""
+    pack = Pack(members, data_dir=data_dir, device=device, download=download)
+    singles = [_single_stepper(m, pack, i) for i, m in enumerate(members)]
+    sync = (lambda: torch.cuda.synchronize(pack.device)) if pack.device.type == "cuda" else (lambda: None)
+    batch = members[0].config.train.batch_size
+    pack_times, single_times = [], []
+    with training_threads(pack.module, pack.loaders.input_shape, batch * len(members), pack.device):
+        for r in range(rounds + 1):
+            sync()
+            t0 = time.perf_counter()
+            for s in range(1, steps + 1):
+                losses, _, _ = pack.step(s)
+            float(losses.sum())
+            sync()
+            t1 = time.perf_counter()
+            for single in singles:
+                for s in range(1, steps + 1):
+                    single(s)
+            sync()
+            t2 = time.perf_counter()
+            if r:  # round 0 warms up (allocations, kernels chosen)
+                pack_times.append(t1 - t0)
+                single_times.append(t2 - t1)
+    pack_s, single_s = statistics.median(pack_times), statistics.median(single_times)
+    return {"pack": len(members), "steps": steps, "rounds": rounds, "pack_s": pack_s, "single_s": single_s,
+            "ratio": single_s / pack_s if pack_s > 0 else math.inf}
+
+
+def choose(measured: dict[str, Any]) -> int:
+    """The pack size to train with after :func:`measure`: its K where the ratio is at least
+    :data:`PAYS`, else 1 (one trial at a time).
+
+    >>> choose({"pack": 16, "ratio": 3.2}), choose({"pack": 16, "ratio": 0.67})
+    (16, 1)
+    """
+    return measured["pack"] if measured["ratio"] >= PAYS else 1

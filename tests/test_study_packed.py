@@ -1,0 +1,187 @@
+"""Packing: K trials of one study point trained together (stacked parameters and masks, vmap)
+equal the same trials run alone. The oracle is the real single-trial path (:func:`sparsetrain.run`
+with the study's shared mask), run in the test: every check's validation error to 1e-5, the same
+end step and status (goal reached, early stop past a best K*, divergence, budget spent), for SGD,
+momentum and Nesterov, dense and sparse, a linear and a convolutional network. Tiny workloads:
+synthetic data, budgets of 60-100 steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from torch import nn
+
+from sparsetrain.models.registry import MODELS
+from sparsetrain.run import run
+from sparsetrain.store import RunStore
+from sparsetrain.study import engine, packed
+from sparsetrain.study.plan import plan_points
+from sparsetrain.study.workloads import load_workload
+
+RECIPE = """
+model = "{model}"
+dataset = "synthetic"
+seed = 0
+data_args = {{shape = {shape}}}
+[prune]
+method = "snip"
+sparsity = 0.5
+batches = 1
+batch_size = 16
+[train]
+optimizer = "sgd"
+momentum = {momentum}
+nesterov = {nesterov}
+weight_decay = {weight_decay}
+schedule = "{schedule}"
+decay_every = 50
+end_lr_factor = 0.1
+iterations = {iterations}
+batch_size = 32
+checkpoint_every = 20
+val_every = 10
+goal_error = {goal}
+"""
+
+
+def workload(tmp_path, *, model="mlp-tiny", shape=(1, 4, 4), momentum=0.0, nesterov=False, weight_decay=0.0,
+             schedule="constant", iterations=100, goal=0.1):
+    """A study workload on synthetic data; 4x4 images make the classes overlap, so that some
+    trials reach the goal and others do not."""
+    text = RECIPE.format(model=model, shape=list(shape), momentum=momentum, nesterov=str(nesterov).lower(),
+                         weight_decay=weight_decay, schedule=schedule, iterations=iterations, goal=goal)
+    path = tmp_path / "workload.toml"
+    path.write_text(text)
+    return load_workload(path)
+
+
+class FakeTrial:
+    """What TrialWatch reports to (an Optuna trial's ``report``)."""
+
+    def report(self, value, step):
+        pass
+
+
+def watch(best_known, goal):
+    """The engine's own early stop (TrialWatch) with a fixed best K* for the point."""
+    return engine.TrialWatch(FakeTrial(), goal, lambda: best_known, early_stop=True)
+
+
+def trials_of(w, tmp_path, sparsity, count, params=None):
+    """``count`` trials of the point (32, sparsity): configs (plan index = seed) and shared masks."""
+    params = params or plan_points(w.search, count)
+    configs = [w.trial_config(32, sparsity, p, seed=i) for i, p in enumerate(params)]
+    return configs, [engine.shared_mask(tmp_path, c) for c in configs]
+
+
+def single(config, mask, store, callbacks=()):
+    """The oracle: the trial through the single path, its status, end step and metrics."""
+    outcome = run(config, store=store, mask=mask, progress=None, callbacks=list(callbacks))
+    return outcome.status, outcome.results["steps"], store.metrics(outcome.key)
+
+
+def check_equal(configs, masks, tmp_path, callbacks=lambda i: ()):
+    """Each packed trial against its single run; returns the statuses."""
+    store = RunStore(tmp_path / "oracle")
+    alone = [single(c, m, store, callbacks(i)) for i, (c, m) in enumerate(zip(configs, masks))]
+    results = packed.train_pack([packed.Member(c, m, list(callbacks(i))) for i, (c, m) in
+                                 enumerate(zip(configs, masks))])
+    for (status, steps, metrics), result, config in zip(alone, results, configs):
+        where = f"trial seed {config.seed} lr {config.train.lr:g}"
+        assert (result.status, result.steps) == (status, steps), where
+        for name in ("val_error", "val_loss", "train_loss", "train_error", "lr", "test_error"):
+            want, got = metrics.get(name, []), result.curves.get(name, [])
+            assert [s for s, _ in got] == [s for s, _ in want], (where, name)
+            for (_, a), (_, b) in zip(want, got):
+                if name == "val_error" or name == "test_error":
+                    assert abs(a - b) <= 1e-5, (where, name, want, got)
+                elif math.isfinite(a):
+                    assert b == pytest.approx(a, rel=1e-4, abs=1e-6), (where, name, want, got)
+                else:
+                    assert not math.isfinite(b), (where, name)
+    return [r.status for r in results], [r.steps for r in results]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_packed_sgd_equals_single_with_goal_and_early_stop(tmp_path, sparsity):
+    w = workload(tmp_path)
+    configs, masks = trials_of(w, tmp_path, sparsity, 6)
+    statuses, steps = check_equal(configs, masks, tmp_path, callbacks=lambda i: [watch(60, w.goal_error)] if i % 2 else [])
+    assert "stopped" in statuses and "finished" in statuses  # goal or early stop; budget spent
+    assert any(s < 100 for s in steps) and any(s == 100 for s in steps)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_packed_momentum_and_nesterov_with_per_trial_schedules(tmp_path, nesterov):
+    w = workload(tmp_path, momentum=0.9, nesterov=nesterov, schedule="linear", weight_decay=1e-3, goal=0.05)
+    assert w.search == ("learning_rate", "momentum", "decay_steps", "end_learning_rate_factor")
+    params = [{"learning_rate": lr, "momentum": mu, "decay_steps": d, "end_learning_rate_factor": e}
+              for lr, mu, d, e in [(0.01, 0.9, 40, 0.1), (0.003, 0.99, 70, 0.01), (0.03, 0.95, 20, 0.5),
+                                   (0.001, 0.999, 90, 0.001)]]
+    configs, masks = trials_of(w, tmp_path, 0.5, 4, params)
+    assert {c.train.schedule for c in configs} == {"linear-then-constant"}
+    check_equal(configs, masks, tmp_path, callbacks=lambda i: [watch(80, w.goal_error)])
+
+
+def test_packed_convolutional_network_sparse(tmp_path):
+    w = workload(tmp_path, model="simple-cnn", shape=(1, 16, 16), iterations=40, goal=0.02)
+    configs, masks = trials_of(w, tmp_path, 0.5, 3)
+    check_equal(configs, masks, tmp_path)
+
+
+class Cubic(nn.Module):
+    """A linear classifier with cubed logits: its gradient grows with its weights, so a large
+    learning rate diverges (the loss NaN) within a few steps while a small one trains."""
+
+    def __init__(self, *, input_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x):
+        return 10 * self.fc(x.flatten(1)) ** 3  # (B, classes)
+
+
+@pytest.fixture
+def cubic_model():
+    MODELS.register("packed-test-cubic")(Cubic)  # for this test only (not in the model listings)
+    yield "packed-test-cubic"
+    MODELS.unregister("packed-test-cubic")
+
+
+def test_a_diverging_trial_leaves_the_pack_as_it_would_alone(tmp_path, cubic_model):
+    w = workload(tmp_path, model=cubic_model, iterations=100, goal=0.02)
+    configs, masks = trials_of(w, tmp_path, 0.0, 6)  # learning rates 0.01 .. 0.32: two diverge
+    statuses, steps = check_equal(configs, masks, tmp_path)
+    assert statuses.count("infeasible") >= 1 and statuses.count("finished") >= 1
+    assert {s for s, st in zip(steps, statuses) if st == "infeasible"} == {50}  # the first loss check
+
+
+def test_what_cannot_be_packed_is_refused_with_the_reason(tmp_path):
+    w = workload(tmp_path)
+    configs, _ = trials_of(w, tmp_path, 0.0, 2)
+    assert packed.why_not_packable(configs) is None
+    other = [configs[0], configs[1].replace(train={"batch_size": 16})]
+    assert "differ in more than" in packed.why_not_packable(other)
+    adam = [c.replace(train={"optimizer": "adam"}) for c in configs]
+    assert "optimizer 'adam'" in packed.why_not_packable(adam)
+    with pytest.raises(Exception, match="cannot be packed.*--pack 1"):
+        packed.train_pack([packed.Member(c) for c in adam])
+    assert "buffers" in packed.why_not_packable_model(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    assert "dropout" in packed.why_not_packable_model(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "two", "1.5", ""])
+def test_pack_flag_refuses_what_is_not_auto_or_a_count(text):
+    with pytest.raises(Exception, match="--pack takes auto or a whole number >= 1"):
+        packed.parse_pack(text)
+
+
+def test_measure_times_a_pack_against_single_steps_and_choose_follows_the_ratio(tmp_path):
+    w = workload(tmp_path)
+    configs, masks = trials_of(w, tmp_path, 0.5, 3)
+    measured = packed.measure([packed.Member(c, m) for c, m in zip(configs, masks)], steps=2, rounds=2)
+    assert measured["pack"] == 3 and measured["pack_s"] > 0 and measured["single_s"] > 0
+    assert measured["ratio"] == pytest.approx(measured["single_s"] / measured["pack_s"])
+    assert packed.choose({**measured, "ratio": packed.PAYS}) == 3
+    assert packed.choose({**measured, "ratio": packed.PAYS * 0.99}) == 1
