@@ -143,6 +143,9 @@ class PruneConfig:
     isometry: bool = later(False, "after the mask is applied to the weights that train, make each kept layer "
                                   "approximately an isometry (Lee et al. 2020: min ||W^T W - I|| over the kept "
                                   "weights; sparsetrain.signal.isometry)")
+    kept_fan_in: bool = later(False, "after the mask is applied to the weights that train, scale each unit's kept "
+                                     "incoming weights by sqrt(fan_in / kept fan_in): the init's variance law on "
+                                     "the pruned network (sparse-aware init; sparsetrain.init.kept_fan_in)")
     dataset: str = later("", "score the mask on this data set's first pruning batches and train on `dataset` "
                              "(transfer of sparsity, Lee et al. 2020; same input shape and classes); '' = the "
                              "run's own",

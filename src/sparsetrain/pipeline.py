@@ -42,6 +42,7 @@ from .pruning.rounds import SCHEDULES as ROUND_SCHEDULES
 from .pruning.sanity import reinitialize, shuffle_layerwise
 from .pruning.select import SCOPES, check_sparsity
 from .pruning.structured import parse_structure, structured_sparsity
+from .init.kept_fan_in import rescale_kept_fan_in_
 from .signal.isometry import approximate_isometry_
 from .threads import training_threads
 from .train.loop import DIVERGE_CHOICES, Callback, TrainResult, resolve_device, train
@@ -75,6 +76,7 @@ class Built:
     model: nn.Module
     device: torch.device
     isometry: dict[str, Any] | None = None  # init_under_mask's approximate-isometry summary (prune.isometry)
+    kept_fan_in: dict[str, Any] | None = None  # init_under_mask's rescale summary (prune.kept_fan_in)
     data_dir: str | Path | None = None  # where the data came from: prune.dataset is read from there too
     download: bool = True
 
@@ -109,6 +111,12 @@ def validate(config: RunConfig, training: bool = True) -> None:
     if p.shuffle and p.method == DENSE:
         raise SparsetrainError("prune.shuffle permutes a mask, and method 'dense' makes none; choose a pruning "
                                "method, or leave prune.shuffle off")
+    if p.kept_fan_in and p.method == DENSE:
+        raise SparsetrainError("prune.kept_fan_in rescales the weights a mask keeps, and method 'dense' makes no "
+                               "mask; choose a pruning method, or leave prune.kept_fan_in off")
+    if p.kept_fan_in and p.isometry:
+        raise SparsetrainError("prune.kept_fan_in and prune.isometry both set the scale of the kept weights (the "
+                               "isometry would undo the rescale); choose one")
     if p.shuffle and p.structure:
         raise SparsetrainError(f"prune.shuffle permutes single entries, which would break structure "
                                f"{p.structure!r}; shuffle an unstructured mask (structure '')")
@@ -146,7 +154,9 @@ def validate_after_training(config: RunConfig) -> None:
     for name, value, why in (("structure", p.structure, "they select single weights by magnitude"),
                              ("shuffle", p.shuffle, "the sanity checks permute masks found at initialization"),
                              ("isometry", p.isometry, "it reshapes the weights at initialization, and these methods "
-                                                      "prune trained ones")):
+                                                      "prune trained ones"),
+                             ("kept_fan_in", p.kept_fan_in, "it rescales the weights at initialization, and these "
+                                                            "methods prune trained ones")):
         if value:
             raise SparsetrainError(f"prune.{name} does not apply to method {p.method!r} ({why}); leave it unset")
     if t.iterations and hasattr(options, "rewind"):  # a length in epochs is checked once the data is read
@@ -288,6 +298,8 @@ def init_under_mask(config: RunConfig, built: Built, mask: Mask | None) -> tuple
     if mask is not None:
         mask = {n: m.to(built.device) for n, m in mask.items()}
         apply_mask_(model, mask)
+    if config.prune.kept_fan_in and mask is not None:  # the init's variance law on the network as pruned
+        built.kept_fan_in = rescale_kept_fan_in_(model, mask)
     if config.prune.isometry:  # Lee et al. 2020: repair signal propagation on the weights that train
         built.isometry = approximate_isometry_(model, mask).summary()
     if mask is None:

@@ -259,6 +259,8 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
     results = result.as_results() | {"sparsity": overall(mask), "device": str(built.device)}
     if built.isometry is not None:  # prune.isometry: what approximate isometry did (small: sums, per-layer penalty)
         results["isometry"] = built.isometry
+    if built.kept_fan_in is not None:  # prune.kept_fan_in: the gains applied
+        results["kept_fan_in"] = built.kept_fan_in
     timings = {"prune_seconds": prune_seconds, "train_seconds": result.seconds}
     if store is not None:
         lease.check()
