@@ -18,6 +18,7 @@ the same stages, never a copy of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,10 +253,13 @@ def scoring_loaders(config: RunConfig, built: Built) -> Loaders:
     return other
 
 
-def find_mask(config: RunConfig, built: Built) -> Mask | None:
+def find_mask(config: RunConfig, built: Built, parallel=None) -> Mask | None:
     """The mask of ``config.prune`` for the built model (None for ``method = "dense"``); the
     model is not changed. With ``prune.dataset`` the batches come from that data set
-    (:func:`scoring_loaders`): the mask is found on one data set and trained on another."""
+    (:func:`scoring_loaders`): the mask is found on one data set and trained on another.
+    ``parallel`` (one rank of a data-parallel run, :class:`sparsetrain.distributed.Ranks`): this
+    rank scores its slice of each pruning batch with the gradients averaged over the ranks, so
+    that every rank selects the mask one process would."""
     p = config.prune
     if p.method == DENSE:
         return None
@@ -265,11 +269,25 @@ def find_mask(config: RunConfig, built: Built) -> Mask | None:
             f"train it with `sparsetrain run --method {p.method}` (sparsetrain.run), whose runs keep their masks"
         )
     data_free = getattr(METHODS.get(p.method), "data_free", False)
-    mask = prune_at_init(
+    batches = None if data_free else pruning_batches(scoring_loaders(config, built), p.batches, p.batch_size)
+    scoring = contextlib.nullcontext()
+    if parallel is not None:
+        parallel.check_method(p.method, data_free)
+        if batches is not None:
+            batches, scoring = (parallel.shard(b) for b in batches), parallel.averaged_gradients(built.model)
+    with scoring:
+        mask = _prune(config, built, batches)
+    # Frankle et al.'s sanity check: the method's per-layer counts at random positions.
+    return shuffle_layerwise(mask, config.seed) if p.shuffle else mask
+
+
+def _prune(config: RunConfig, built: Built, batches) -> Mask:
+    p = config.prune
+    return prune_at_init(
         built.model,
         p.method,
         sparsity=p.sparsity,
-        batches=None if data_free else pruning_batches(scoring_loaders(config, built), p.batches, p.batch_size),
+        batches=batches,
         include_biases=p.include_biases,
         exclude=list(p.exclude) or None,
         scope=p.scope,
@@ -279,8 +297,6 @@ def find_mask(config: RunConfig, built: Built) -> Mask | None:
         rounds=p.rounds,
         schedule=p.round_schedule,
     )
-    # Frankle et al.'s sanity check: the method's per-layer counts at random positions.
-    return shuffle_layerwise(mask, config.seed) if p.shuffle else mask
 
 
 # --- stage 3: initialise under the mask -----------------------------------------------------------
@@ -318,16 +334,17 @@ def init_under_mask(config: RunConfig, built: Built, mask: Mask | None) -> tuple
 def train_stage(config: RunConfig, built: Built, model: nn.Module, hooks: list, mask: Mask | None, *,
                 checkpoint_path: str | Path | None = None,
                 on_metrics: Callable[[int, dict[str, float]], None] | None = None,
-                progress: bool = True, callbacks: list[Callback] = ()) -> TrainResult:
+                progress: bool = True, callbacks: list[Callback] = (), parallel=None) -> TrainResult:
     """Train ``model`` as ``config.train`` says, resumable from ``checkpoint_path``, on the torch
     threads :func:`sparsetrain.threads.training_threads` chooses (``--threads``, else 1 for a
     small step, else the idle cores); the count is shown with the progress and recorded in the
-    result."""
+    result. ``parallel``: one rank of a data-parallel run (see :func:`sparsetrain.train.loop.train`)."""
     sparsity = overall(mask)
     with training_threads(model, built.loaders.input_shape, config.train.batch_size, built.device) as threads:
         result = train(model, built.loaders, config.train, hooks=hooks, seed=config.seed,
                        checkpoint_path=checkpoint_path, on_metrics=on_metrics, progress=progress,
-                       postfix={"sparsity": f"{sparsity:.3f}", "threads": str(threads)}, callbacks=callbacks)
+                       postfix={"sparsity": f"{sparsity:.3f}", "threads": str(threads)}, callbacks=callbacks,
+                       parallel=parallel)
     result.threads = threads
     return result
 

@@ -71,6 +71,7 @@ def run(
     parent: str | None = None,
     callbacks: list[Callback] = (),
     wait: bool = False,
+    parallel=None,
 ) -> RunOutcome:
     """Prune, train and test as ``config`` says; record in ``store`` (``None``: no record).
 
@@ -84,7 +85,12 @@ def run(
 
     Raises SparsetrainError if another process is training the same run (same key) now, unless
     ``wait``: then waits until it ends and returns its recorded outcome (or, if it died or failed,
-    takes the run over and resumes it)."""
+    takes the run over and resumes it).
+
+    ``parallel``: this process is one rank of a data-parallel run
+    (:class:`sparsetrain.distributed.Ranks`, given by :func:`sparsetrain.distributed.run_rank`;
+    use :func:`sparsetrain.distributed.run_ddp` to start one): rank 0 passes the store, the
+    others ``store=None``. The key is the same as in one process."""
     validate(config)
     resolve_device(device)  # a wrong --device is refused before anything is recorded
     if isinstance(store, (str, Path)):
@@ -97,11 +103,17 @@ def run(
         return run_after_training(config, store=store, data_dir=data_dir, device=device, force=force,
                                   progress=progress, download=download, group=group, parent=parent,
                                   callbacks=callbacks, wait=wait)
-    key = config.key() if mask is None else _combined_key(config, mask)
+    key = run_key(config, mask)
     config, recorded = _what_is_trained(config, mask)
     return run_recorded(config, key, recorded, store=store, data_dir=data_dir, device=device, force=force,
                         progress=progress, download=download, mask=mask, group=group, parent=parent,
-                        callbacks=callbacks, wait=wait)
+                        callbacks=callbacks, wait=wait, parallel=parallel)
+
+
+def run_key(config: RunConfig, mask: Mask | None = None) -> str:
+    """The key :func:`run` records ``config`` under: ``config.key()``, combined with the mask's
+    content when a mask is given."""
+    return config.key() if mask is None else _combined_key(config, mask)
 
 
 def run_recorded(
@@ -122,6 +134,7 @@ def run_recorded(
     parent: str | None = None,
     callbacks: list[Callback] = (),
     wait: bool = False,
+    parallel=None,
 ) -> RunOutcome:
     """:func:`run` under a ``key`` and ``recorded`` config the caller chose: the step that
     arranges runs of its own (:mod:`sparsetrain.posttrain`: a pruning round trains ``mask`` from
@@ -130,7 +143,7 @@ def run_recorded(
     before the first step), the rewind points a child run starts from."""
     if store is None:
         return _execute(config, key, None, data_dir, device, progress, download, mask, callbacks, None,
-                        weights, keep)
+                        weights, keep, parallel)
     record = store.get(key)
     if record is not None and record.status in TERMINAL_STATUSES and not force:
         return _reused(key, config, record)
@@ -145,7 +158,7 @@ def run_recorded(
         try:
             with _sigterm_as_interrupt():
                 return _execute(config, key, store, data_dir, device, progress, download, mask, callbacks,
-                                lease, weights, keep)
+                                lease, weights, keep, parallel)
         except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: an outside stop, resumable
             _record_end(store, lease, key, f"{type(err).__name__}: {err}", RunStatus.INTERRUPTED)
             raise
@@ -219,7 +232,7 @@ def _combined_key(config: RunConfig, mask: Mask) -> str:
 
 
 def _execute(config, key, store, data_dir, device, progress, download, given_mask, callbacks, lease,
-             weights=None, keep=()) -> RunOutcome:
+             weights=None, keep=(), parallel=None) -> RunOutcome:
     built = build(config, data_dir=data_dir, device=device, download=download)
     if weights is not None:  # a pruning round after training: the parent's weights, not the init
         built.model.load_state_dict(weights)
@@ -227,16 +240,24 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
 
     started = time.perf_counter()
     mask_file = folder / "mask.safetensors" if folder is not None else None
-    if given_mask is not None:
-        mask = given_mask
-    elif mask_file is not None and mask_file.exists():
+
+    def resumed_mask() -> Mask | None:
+        if mask_file is None or not mask_file.exists():
+            return None
         try:  # resuming: the mask was found before the interruption
-            mask = load_mask(mask_file, built.model)
+            return load_mask(mask_file, built.model)
         except SparsetrainError as err:
             raise SparsetrainError(f"run {key} cannot resume: {err}. Its own mask is made again by starting "
                                    "the run over: add --force (force=True in the API)") from err
-    else:
-        mask = find_mask(config, built)
+
+    if given_mask is not None:
+        mask = given_mask
+    else:  # data parallel: rank 0's store says whether the run resumes, and its mask file is sent to all
+        mask = resumed_mask() if parallel is None else parallel.from_writer(resumed_mask)
+        if mask is None:
+            mask = find_mask(config, built, parallel)
+    if parallel is not None:
+        parallel.check_same_mask(mask)
     if mask_file is not None and mask is not None and not mask_file.exists():
         save_mask(mask_file, mask, {"key": key, "method": config.prune.method, "model": config.model},
                   model=built.model)
@@ -255,8 +276,10 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
             lease.check()  # taken over by another process: stop before writing anything of theirs
             store.log_metrics(key, step, values)
     result = train_stage(config, built, model, hooks, mask, progress=progress, on_metrics=on_metrics,
-                         checkpoint_path=checkpoint, callbacks=callbacks)
+                         checkpoint_path=checkpoint, callbacks=callbacks, parallel=parallel)
     results = result.as_results() | {"sparsity": overall(mask), "device": str(built.device)}
+    if parallel is not None:  # environment, like the device: not part of the key
+        results["nproc"] = parallel.world
     if built.isometry is not None:  # prune.isometry: what approximate isometry did (small: sums, per-layer penalty)
         results["isometry"] = built.isometry
     if built.kept_fan_in is not None:  # prune.kept_fan_in: the gains applied

@@ -71,6 +71,32 @@ def _run_flags(p):
     p.add_argument("--wait", action="store_true",
                    help="if another process is training this run now, wait for it and print its result "
                    "(without --wait: refused, naming that process)")
+    _nproc_flag(p)
+
+
+def _nproc_flag(p):
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel training in N processes on this machine (DistributedDataParallel: gloo "
+                   "on CPU, NCCL on GPU, one GPU each); the global batch is split evenly, so N must divide "
+                   "it; same result and run key as one process. Under torchrun every process it starts "
+                   "joins its group instead (docs/ddp.md)")
+
+
+def _trains(args, config, mask=None):
+    """run(), or with --nproc N (or under torchrun) the data-parallel run."""
+    from .. import distributed
+
+    common = dict(store=_store(args), data_dir=args.data_dir, device=args.device, force=args.force,
+                  progress=not args.no_progress, mask=mask)
+    if distributed.launched():
+        if args.wait:
+            raise SparsetrainError("--wait does not apply to a data-parallel run; leave it out")
+        return distributed.run_rank(config, threads=args.threads, **common)
+    if args.nproc != 1:
+        if args.wait:
+            raise SparsetrainError("--wait does not apply to a data-parallel run (--nproc); leave it out")
+        return distributed.run_ddp(config, args.nproc, threads=args.threads, **common)
+    return run(config, wait=args.wait, **common)
 
 
 def _run(args):
@@ -78,9 +104,9 @@ def _run(args):
     if args.print_config:
         print(config.to_toml(), end="")
         return 0
-    outcome = run(config, store=_store(args), data_dir=args.data_dir, device=args.device,
-                  force=args.force, progress=not args.no_progress, wait=args.wait)
-    _print_outcome(outcome)
+    outcome = _trains(args, config)
+    if outcome is not None:  # (None: a rank other than 0 under torchrun)
+        _print_outcome(outcome)
 
 
 # --- prune -------------------------------------------------------------------------------------
@@ -130,6 +156,7 @@ def _train_flags(p):
     p.add_argument("--wait", action="store_true",
                    help="if another process is training this run now, wait for it and print its result "
                    "(without --wait: refused, naming that process)")
+    _nproc_flag(p)
 
 
 def _train(args):
@@ -138,13 +165,13 @@ def _train(args):
     # checked here (values, checksum) and against the model (built for the data set) by run()
     mask = load_mask(args.mask)
     try:
-        outcome = run(config, store=_store(args), data_dir=args.data_dir, device=args.device,
-                      force=args.force, progress=not args.no_progress, mask=mask, wait=args.wait)
+        outcome = _trains(args, config, mask)
     except SparsetrainError as err:
         if "mask does not fit" in str(err) and str(args.mask) not in str(err):
             raise SparsetrainError(f"{args.mask}: {err}") from None
         raise
-    _print_outcome(outcome)  # run() describes the trained network by the mask's method and sparsity
+    if outcome is not None:
+        _print_outcome(outcome)  # run() describes the trained network by the mask's method and sparsity
 
 
 # --- list ----------------------------------------------------------------------------------

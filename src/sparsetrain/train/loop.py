@@ -184,6 +184,7 @@ def train(
     loss_fn=None,
     postfix: dict[str, str] | None = None,
     callbacks: list[Callback] = (),
+    parallel=None,
 ) -> TrainResult:
     """Train ``model`` on ``loaders.train`` for ``cfg``'s length; evaluate on ``loaders.val``
     every ``cfg.val_every`` iterations and on ``loaders.test`` at the end (final model and best
@@ -194,7 +195,11 @@ def train(
     prints nothing (runs in worker processes, whose progress their parent reports).
     ``postfix``: more ``name: value`` pairs shown with the progress.
     ``loss_fn(logits, targets)``: default cross-entropy (dict batches: the model's own loss).
-    ``cfg.goal_error`` > 0 adds :class:`StopAtGoal`; ``cfg.on_diverge`` says what a NaN loss does."""
+    ``cfg.goal_error`` > 0 adds :class:`StopAtGoal`; ``cfg.on_diverge`` says what a NaN loss does.
+    ``parallel``: one rank of a data-parallel run (:class:`sparsetrain.distributed.Ranks`): this
+    process trains on its slice of each global batch in DistributedDataParallel, logs the losses
+    and errors summed over the ranks, resumes from the checkpoint rank 0 reads, and writes
+    checkpoints on rank 0 only; every rank evaluates the whole validation and test sets."""
     from ..state_io import load_state, save_state
 
     if cfg.on_diverge not in DIVERGE_CHOICES:
@@ -205,8 +210,13 @@ def train(
     schedule = build_schedule(optimizer, cfg, total)
     state = _State()
     torch.manual_seed(seed)
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = _State.restore(load_state(checkpoint_path), model, optimizer, schedule)
+    def saved() -> dict[str, Any] | None:
+        return load_state(checkpoint_path) if checkpoint_path is not None and Path(checkpoint_path).exists() else None
+
+    resumed = saved() if parallel is None else parallel.from_writer(saved)  # rank 0's checkpoint, on every rank
+    if resumed is not None:
+        state = _State.restore(resumed, model, optimizer, schedule)
+    net = model if parallel is None else parallel.wrap(model)  # (after the restore: DDP starts from rank 0's weights)
     curves: dict[str, list[tuple[int, float]]] = {}
 
     def record(step: int, values: dict[str, float]) -> None:
@@ -216,7 +226,7 @@ def train(
             on_metrics(step, values)
 
     def checkpoint(step: int) -> None:
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and (parallel is None or parallel.writer):
             save_state(checkpoint_path, state.snapshot(step, model, optimizer, schedule, running))
 
     started = time.perf_counter() - state.seconds
@@ -224,12 +234,12 @@ def train(
     shown: dict[str, str] = {}  # what the bar's postfix and the evaluation lines show
     running = _Running.from_state(state.running)
     model.train()
-    stream = loaders.train.iter_from(state.step)
+    stream = (loaders.train if parallel is None else parallel.shard_stream(loaders.train)).iter_from(state.step)
     status, reason, end = FINISHED, None, total
     for step in range(state.step + 1, total + 1):
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
-        loss, out = forward_loss(model, batch, loss_fn)
+        loss, out = forward_loss(net, batch, loss_fn)
         loss.backward()
         for h in hooks:
             h.after_backward()
@@ -237,7 +247,7 @@ def train(
         for h in hooks:
             h.after_step()
         schedule.step()
-        running.add(loss.detach(), logits_of(out), targets_of(batch), batch_size_of(batch))
+        running.add(loss.detach(), logits_of(out), targets_of(batch), batch_size_of(batch), parallel)
         stops = [c.on_step(step, loss.detach()) for c in callbacks]
 
         last = step == total
@@ -352,12 +362,23 @@ class _Running:
             running.n, running.batches, running.judged = saved["n"], saved["batches"], saved["judged"]
         return running
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor | None, n: int) -> None:
+    def add(self, loss: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor | None, n: int,
+            parallel=None) -> None:
+        """One step's loss and errors; with ``parallel`` (one rank of a data-parallel run), those of
+        the whole global batch: the ranks' slice losses averaged and their errors summed (one small
+        all-reduce, no synchronisation with the host), so that every rank, and the checkpoint rank
+        0 writes, holds what one process would."""
+        judged = logits is not None and targets is not None
+        wrong = (logits.detach().argmax(-1) != targets).sum() if judged else None
+        if parallel is not None:
+            count = wrong if judged else torch.zeros((), device=loss.device)
+            both = parallel.all_sum(torch.stack([loss.float(), count.float()]))
+            loss, wrong, n = both[0] / parallel.world, both[1], n * parallel.world
         self.loss = loss + self.loss
-        if logits is None or targets is None:
+        if not judged:
             self.judged = False
         else:
-            self.wrong = (logits.detach().argmax(-1) != targets).sum() + self.wrong
+            self.wrong = wrong + self.wrong
         self.n += n
         self.batches += 1
 

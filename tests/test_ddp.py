@@ -1,0 +1,165 @@
+"""Data-parallel training (sparsetrain.distributed): two CPU processes equal one process.
+
+The oracle is the single-process run of the same config at the same global batch: its mask,
+final weights and recorded curves. Two processes start, import torch and read MNIST, so each
+launch costs several seconds; the launches are few and short (30 iterations).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsetrain import RunConfig, run
+from sparsetrain import distributed
+from sparsetrain.cli.main import main
+from sparsetrain.errors import SparsetrainError
+from sparsetrain.masks import load_mask
+from sparsetrain.state_io import load_state
+from sparsetrain.store import RunStore
+from sparsetrain.train.loop import Callback
+
+CONFIG = RunConfig(model="lenet-300-100", dataset="mnist").replace(
+    prune={"method": "snip", "sparsity": 0.95},
+    train={"iterations": 30, "batch_size": 100, "val_every": 10, "checkpoint_every": 10},
+)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The oracle: CONFIG trained in this process, recorded in its own store."""
+    from conftest import find_mnist_root
+
+    root = find_mnist_root()
+    if root is None:
+        pytest.skip("no real MNIST")
+    store = RunStore(tmp_path_factory.mktemp("one") / "store")
+    outcome = run(CONFIG, store=store, data_dir=root, device="cpu", progress=None)
+    return store, outcome, root
+
+
+def _weights(store: RunStore, key: str) -> dict[str, torch.Tensor]:
+    return load_state(store.artifact_dir(key) / "checkpoint.safetensors")["model"]
+
+
+def _assert_same_training(ddp_store: RunStore, one_store: RunStore, key: str) -> None:
+    one, two = _weights(one_store, key), _weights(ddp_store, key)
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
+    curves_one, curves_two = one_store.metrics(key), ddp_store.metrics(key)
+    assert curves_two.keys() == curves_one.keys()
+    for name in ("train_loss", "train_error", "val_error", "val_loss", "test_error"):
+        steps_one, values_one = zip(*curves_one[name])
+        steps_two, values_two = zip(*curves_two[name])
+        assert steps_two == steps_one, name  # each step once: rank 1 logged nothing
+        assert values_two == pytest.approx(values_one, rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.slow  # two fresh processes import torch and read MNIST: ~10 s quiet, ~25 s on a loaded 2-core machine
+def test_two_processes_equal_one_at_the_same_global_batch(one_process, tmp_path, monkeypatch):
+    one_store, one, root = one_process
+    monkeypatch.chdir(tmp_path)  # anything a rank wrote outside the store would land here
+    store = tmp_path / "store"
+    outcome = distributed.run_ddp(CONFIG, 2, store=store, data_dir=root, device="cpu", progress=None)
+    assert outcome.key == one.key  # the run's identity does not depend on the process count
+    assert outcome.results["nproc"] == 2 and "nproc" not in one.results
+    ddp_store = RunStore(store)
+    # one mask on every rank (run_rank compares their checksums), equal to the one process's
+    mask, reference = load_mask(ddp_store.artifact_dir(one.key) / "mask.safetensors"), \
+        load_mask(one_store.artifact_dir(one.key) / "mask.safetensors")
+    assert mask.keys() == reference.keys()
+    assert all(torch.equal(mask[n], reference[n]) for n in mask)
+    _assert_same_training(ddp_store, one_store, one.key)
+    weights = _weights(ddp_store, one.key)
+    for name, kept in mask.items():  # pruned weights stay zero
+        assert not weights[name][~kept].any(), name
+    # only rank 0 wrote, and only into its store: one run, nothing beside the store
+    assert [r.key for r in ddp_store.list()] == [one.key]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+class FailOnRank(Callback):
+    """Raises on one rank at one step (the other rank is then stopped by the launcher)."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_step(self, step, loss):
+        if step == self.step and int(os.environ.get("RANK", "0")) == self.rank:
+            raise SparsetrainError(f"rank {self.rank} gives up at iteration {step}")
+        return None
+
+
+@pytest.mark.slow  # two launches of two processes: ~20 s quiet, ~50 s on a loaded 2-core machine
+def test_a_failed_rank_stops_the_run_which_resumes_from_rank_0s_checkpoint(one_process, tmp_path):
+    one_store, one, root = one_process
+    store = tmp_path / "store"
+    started = time.monotonic()
+    with pytest.raises(SparsetrainError, match=r"rank 1 of 2: rank 1 gives up at iteration 25"):
+        distributed.run_ddp(CONFIG, 2, store=store, data_dir=root, device="cpu", progress=None,
+                            callbacks=[FailOnRank(1, 25)])
+    assert time.monotonic() - started < distributed.TIMEOUT_S  # stopped, not timed out
+    ddp_store = RunStore(store)
+    assert ddp_store.get(one.key).status in ("interrupted", "failed")  # rank 0 was stopped: resumable
+    assert load_state(ddp_store.artifact_dir(one.key) / "checkpoint.safetensors")["step"] == 20
+    # resumed in two processes from rank 0's checkpoint (iteration 20) and mask: the same run
+    outcome = distributed.run_ddp(CONFIG, 2, store=store, data_dir=root, device="cpu", progress=None)
+    assert outcome.status == "finished" and not outcome.reused
+    _assert_same_training(ddp_store, one_store, one.key)
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused():
+    with pytest.raises(SparsetrainError, match=r"train.batch_size 100 cannot be split evenly over 3 processes.*"
+                                               r"divisible by 3 \(e.g. 99 or 102\)"):
+        distributed.run_ddp(CONFIG, 3, store=None)
+    with pytest.raises(SparsetrainError, match=r"prune.batch_size 75 cannot be split evenly over 2"):
+        distributed.run_ddp(CONFIG.replace(prune={"batch_size": 75}), 2, store=None)
+    with pytest.raises(SparsetrainError, match="--nproc must be a whole number of at least 1, got 0"):
+        distributed.run_ddp(CONFIG, 0, store=None)
+
+
+def test_the_command_line_refuses_before_starting_processes(capsys, tmp_path):
+    code = main(["run", "--dataset", "synthetic", "--model", "mlp-tiny", "--batch-size", "50", "--iterations", "5",
+                 "--nproc", "4", "--store", str(tmp_path / "store"), "--no-progress"])
+    assert code == 2
+    assert "train.batch_size 50 cannot be split evenly over 4 processes" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+def test_methods_that_cannot_be_averaged_over_slices_are_refused_with_the_way_round():
+    with pytest.raises(SparsetrainError, match=r"pruning method 'grasp' cannot find its mask from scores averaged "
+                                               r"over 2 processes.*sparsetrain prune --method grasp.*"
+                                               r"sparsetrain train --mask mask.safetensors --nproc 2"):
+        distributed.run_ddp(CONFIG.replace(prune={"method": "grasp"}), 2, store=None)
+    with pytest.raises(SparsetrainError, match="method 'lwc' prunes after training in several recorded runs"):
+        distributed.run_ddp(CONFIG.replace(prune={"method": "lwc", "sparsity": 0.5}), 2, store=None)
+    for method in ("snip", "force", "random", "magnitude", "synflow"):  # averaged, or data-free
+        distributed.check_method(method, method in ("random", "magnitude", "synflow"), 2)
+
+
+def test_different_masks_on_the_ranks_fail_loudly(monkeypatch):
+    """The checksum comparison, with the other rank's checksum made to differ."""
+    def another_rank_differs(tensor, op=None):
+        tensor.add_(1.0)  # the maximum over the ranks is not this rank's value
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", another_rank_differs)
+    ranks = distributed.Ranks(0, 2, torch.device("cpu"))
+    mask = {"w": torch.tensor([True, False])}
+    with pytest.raises(SparsetrainError, match="the pruning masks differ across the 2 ranks"):
+        ranks.check_same_mask(mask)
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op=None: None)  # every rank agrees
+    ranks.check_same_mask(mask)
+
+
+def test_a_rank_takes_its_slice_of_the_global_batch():
+    x, y = torch.arange(12.0).view(6, 2), torch.arange(6)
+    first, second = distributed.Ranks(0, 3, torch.device("cpu")), distributed.Ranks(2, 3, torch.device("cpu"))
+    assert first.shard((x, y))[1].tolist() == [0, 1]
+    assert second.shard((x, y))[1].tolist() == [4, 5]
+    assert second.shard({"input": x, "labels": y})["input"].tolist() == [[8.0, 9.0], [10.0, 11.0]]
