@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/sparsetrain run --recipe demo
 
+# The study engine's PostgreSQL tests get a throwaway server when PostgreSQL's binaries are here
+# (scripts/postgres-server: started before, stopped after, also on failure); without them they skip.
 test: setup
-	$(BIN)/python -m pytest -q
+	scripts/postgres-server run -- $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_snip.py

@@ -218,20 +218,16 @@ def test_interrupted_study_resumes_to_the_same_outcomes(reference, tmp_path, mon
         (o.point, o.plan_index, o.status, o.steps_to_result, o.curve) for o in reference]
 
 
-@pytest.mark.slow  # four fresh interpreters import torch and optuna: ~15 s quiet, ~60 s on a loaded 2-core machine
-def test_four_workers_one_killed_mid_trial_every_trial_recorded_once(tmp_path):
-    # budgets no trial reaches: each trial runs its whole budget, long enough to be killed in
-    workload = tiny_workload(tmp_path, goal=0.01, iterations=300, hard=True)
-    folder = tmp_path / "study"
-    engine.plan(folder, spec_of(workload, early_stop=False, trials=3))
-    storage = engine.open_storage(folder, engine.load_spec(folder))
-    killed: list[int] = []
+def killer(storage, names, killed: list[int]):
+    """An ``on_start`` for :func:`engine.work`: a thread that SIGKILLs the first of ``pids`` seen
+    in the middle of a 300-step trial of the Optuna studies ``names`` (a check reported, none past
+    step 150) and appends its pid to ``killed``."""
 
     def kill_one_worker(pids):
         def watch():
             deadline = time.time() + 60
             while time.time() < deadline and not killed:
-                for name in ("tiny/b8/s0.5", "tiny/b32/s0.5"):
+                for name in names:
                     study = optuna.load_study(study_name=name, storage=storage)
                     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                         pid = int(t.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
@@ -244,21 +240,44 @@ def test_four_workers_one_killed_mid_trial_every_trial_recorded_once(tmp_path):
 
         threading.Thread(target=watch, daemon=True).start()
 
-    result = engine.work(folder, 4, progress=False, on_start=kill_one_worker)
-    assert len(killed) == 1 and sorted(result["exit_codes"]) == [-signal.SIGKILL, 0, 0, 0]
+    return kill_one_worker
+
+
+def check_killed_study(folder, db, names, result, killed, workers, where=None):
+    """What a study of :func:`killed_study_spec` worked by ``workers`` processes, one killed
+    mid-trial, must show: every plan index finished exactly once, to its whole budget, the killed
+    attempt failed and retried once, six finished runs in ``folder``'s run store. ``db``: the open
+    storage holding the Optuna studies ``names``; ``where``: the study's storage URL and name."""
+    where = where or {}
+    assert len(killed) == 1 and sorted(result["exit_codes"]) == [-signal.SIGKILL] + [0] * (workers - 1)
     assert result["finished"] == result["total"] == 6
-    outcomes = engine.outcomes(folder)  # raises if a plan index has two finished trials
+    outcomes = engine.outcomes(folder, **where)  # raises if a plan index has two finished trials
     assert sorted((o.batch_size, o.plan_index) for o in outcomes) == [(b, i) for b in (8, 32) for i in range(3)]
     assert {o.status for o in outcomes} == {"incomplete"}
     assert all(o.curve[-1][0] == 300 and len(o.curve) == 30 for o in outcomes)
-    rows = engine.status_rows(folder)
+    rows = engine.status_rows(folder, **where)
     assert sum(r["failed_attempts"] for r in rows) == 1  # the killed attempt, retried once
-    retried = [t for name in ("tiny/b8/s0.5", "tiny/b32/s0.5")
-               for t in optuna.load_study(study_name=name, storage=storage).get_trials()
+    retried = [t for name in names for t in optuna.load_study(study_name=name, storage=db).get_trials()
                if "failed_trial" in t.system_attrs]
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     runs = RunStore(folder / "runs").list()
     assert len(runs) == 6 and {r.status for r in runs} == {"finished"}
+
+
+def killed_study_spec(tmp_path):
+    """Budgets no trial reaches: each trial runs its whole 300 steps, long enough to be killed in."""
+    return spec_of(tiny_workload(tmp_path, goal=0.01, iterations=300, hard=True), early_stop=False, trials=3)
+
+
+@pytest.mark.slow  # four fresh interpreters import torch and optuna: ~15 s quiet, ~60 s on a loaded 2-core machine
+def test_four_workers_one_killed_mid_trial_every_trial_recorded_once(tmp_path):
+    folder = tmp_path / "study"
+    engine.plan(folder, killed_study_spec(tmp_path))
+    storage = engine.open_storage(folder, engine.load_spec(folder))
+    killed: list[int] = []
+    names = ("tiny/b8/s0.5", "tiny/b32/s0.5")
+    result = engine.work(folder, 4, progress=False, on_start=killer(storage, names, killed))
+    check_killed_study(folder, storage, names, result, killed, 4)
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -1,5 +1,6 @@
-"""``sparsetrain study``: plan a steps-to-result study, work on it with local worker processes,
-show its progress, report it. Each action is one call into :mod:`sparsetrain.study.engine`."""
+"""``sparsetrain study``: plan a steps-to-result study, work on it with local worker processes
+(on any number of hosts, through one database: ``--storage``), show its progress, report it.
+Each action is one call into :mod:`sparsetrain.study.engine`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,18 @@ def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 
 def _dir_flag(p) -> None:
-    p.add_argument("--dir", required=True, help="the study's folder (study.json, optuna.db, runs/)")
+    p.add_argument("--dir", required=True,
+                   help="the study's folder (study.json, optuna.db, runs/); with --storage, this host's own folder "
+                        "for its runs and masks, on a local disk (not NFS: it holds SQLite files)")
+    p.add_argument("--storage", metavar="URL",
+                   help="a database shared by many hosts, e.g. postgresql://USER@HOST:5432/DATABASE "
+                        "(default: the embedded SQLite file in --dir)")
+    p.add_argument("--study", metavar="NAME",
+                   help="the study's name in the --storage database (default: the --dir folder's name)")
+
+
+def _where(args) -> dict:
+    return {"storage": args.storage, "study": args.study}
 
 
 def _numbers(text: str, kind, what: str) -> tuple:
@@ -49,15 +61,20 @@ def _plan_flags(p) -> None:
 
 
 def _plan(args) -> int:
-    from ..study.engine import StudySpec, plan
+    from ..study.engine import StudySpec, masked, plan, study_name
     from ..study.workloads import load_workload
 
     spec = StudySpec(tuple(load_workload(w) for w in args.workload), _numbers(args.batch_sizes, int, "batch-sizes"),
                      _numbers(args.sparsities, float, "sparsities"), args.trials, not args.no_early_stop,
                      args.heartbeat_interval, args.grace_period)
-    plan(args.dir, spec)
-    print(f"planned {len(spec.points())} points x {spec.trials} trials in {args.dir}; "
-          f"run them with: sparsetrain study work --dir {args.dir} --workers N")
+    plan(args.dir, spec, **_where(args))
+    if args.storage is None:
+        print(f"planned {len(spec.points())} points x {spec.trials} trials in {args.dir}; "
+              f"run them with: sparsetrain study work --dir {args.dir} --workers N")
+        return 0
+    name = study_name(args.dir, args.study)
+    print(f"planned {len(spec.points())} points x {spec.trials} trials as study {name!r} in {masked(args.storage)}; "
+          f"on each host run: sparsetrain study work --storage URL --study {name} --dir LOCAL_FOLDER --workers N")
     return 0
 
 
@@ -71,7 +88,7 @@ def _work_flags(p) -> None:
 def _work(args) -> int:
     from ..study.engine import work
 
-    result = work(args.dir, args.workers, data_dir=args.data_dir, device=args.device)
+    result = work(args.dir, args.workers, data_dir=args.data_dir, device=args.device, **_where(args))
     print(f"{result['finished']} of {result['total']} trials finished")
     dead = [c for c in result["exit_codes"] if c != 0]
     if dead:
@@ -91,7 +108,7 @@ STATUS_COLUMNS = ("point", "planned", "finished", "complete", "incomplete", "inf
 def _status(args) -> int:
     from ..study.engine import status_rows
 
-    rows = status_rows(args.dir)
+    rows = status_rows(args.dir, **_where(args))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -109,7 +126,7 @@ def _report_flags(p) -> None:
 def _report(args) -> int:
     from ..study.engine import best_trials, outcomes
 
-    found = outcomes(args.dir)
+    found = outcomes(args.dir, **_where(args))
     out = Path(args.out or Path(args.dir) / "report")
     if importlib.util.find_spec("sparsetrain.study.analysis") is not None:
         from ..study import analysis

@@ -11,6 +11,14 @@ A study lives in one folder:
 - ``masks/``: the masks trials share (:func:`shared_mask`): pruning at initialization depends on
   the seed and the sparsity, not on the batch size or the metaparameters, so each is found once.
 
+Many machines: with ``storage`` (a database URL, e.g. ``postgresql://user@host:5432/studies``) the
+plan, the spec and every trial's outcome live in that database instead, under the study's name
+(``study``, default the folder's name): the spec as the user attribute ``spec`` of an Optuna study
+of that name, each point as the Optuna study ``<name>/<point_name>``. The folder is then each
+host's own (its run store and masks), and a host needs only the URL and the name to join. A trial
+records its whole validation curve in Optuna (user attribute ``curve``), so that the report needs no
+other host's run store.
+
 Plan once, work many times. :func:`plan` enqueues every plan point once (a trial carries its
 ``plan_index`` as a user attribute); the workers never sample, they claim waiting trials
 (Optuna's own atomic WAITING -> RUNNING), lowest plan index first. While a worker runs a trial it
@@ -20,7 +28,11 @@ beats the trial's heartbeat; a worker killed outright (SIGKILL) stops beating, a
 trial. The copy's run resumes from the run store's checkpoint (or, if the killed worker had
 recorded the run's end, reuses it), so a trial is trained to its end once and counted once: a
 plan index has exactly one finished trial (Optuna state COMPLETE or PRUNED) and any number of
-FAIL ones (the killed attempts).
+FAIL ones (the killed attempts). The steps that add a trial for a plan index (the plan's enqueue,
+the retry of a stale or given-back trial) and a trial's finish hold the storage's one lock
+(:func:`exclusive`), and a trial finishing where its plan index already has a finished trial (a
+copy that ran twice: its worker was presumed dead but was not) is recorded as FAIL with the user
+attribute ``duplicate_of``, so that this holds across hosts too.
 
 How a trial ends (:class:`~sparsetrain.study.outcome.TrialStatus`) is told to Optuna as: complete
 -> COMPLETE with value = steps-to-result; incomplete and infeasible -> COMPLETE with value inf (it
@@ -39,9 +51,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -59,6 +73,10 @@ from sparsetrain.train.loop import Callback
 
 SPEC_FILE, OPTUNA_FILE, RUNS_DIR, MASKS_DIR = "study.json", "optuna.db", "runs", "masks"
 POLL_S = 1.0  # how often an idle worker looks again for trials to take over
+SPEC_ATTR = "spec"  # in a database named by ``storage``: the user attribute holding the StudySpec
+# the PostgreSQL advisory lock of :func:`exclusive` (one per database: it is held for milliseconds)
+LOCK_KEY = int.from_bytes(hashlib.sha256(b"sparsetrain.study").digest()[:8], "big", signed=True)
+STORAGE_ENV = "SPARSETRAIN_STUDY_STORAGE"  # how work() hands its workers the URL (not on their command line)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -132,8 +150,12 @@ def point_name(workload: str, batch_size: int, sparsity: float) -> str:
     return f"{workload}/b{batch_size}/s{sparsity:g}"
 
 
-def load_spec(folder: str | Path) -> StudySpec:
-    """The spec of the study planned in ``folder``."""
+def load_spec(folder: str | Path, *, storage: str | None = None, study: str | None = None) -> StudySpec:
+    """The spec of the study planned in ``folder`` or, with ``storage``, of the study named
+    ``study`` (default: the folder's name) in that database."""
+    if storage is not None:
+        return _load_shared_spec(folder, storage, study)
+    _embedded_only(study)
     path = Path(folder) / SPEC_FILE
     if not path.is_file():
         raise SparsetrainError(f"{folder} holds no study (no {SPEC_FILE}); plan one first: sparsetrain study plan "
@@ -145,12 +167,23 @@ def load_spec(folder: str | Path) -> StudySpec:
                                "folder") from None
 
 
-def plan(folder: str | Path, spec: StudySpec) -> StudySpec:
+def plan(folder: str | Path, spec: StudySpec, *, storage: str | None = None, study: str | None = None) -> StudySpec:
     """Plan ``spec`` in ``folder`` (made if needed): write ``study.json`` and enqueue every point's
     plan once. Planning again with the same spec only enqueues what is missing (a plan index with
     no finished, running or waiting trial: one whose trial failed with an error); a different spec
-    is refused, since the trials already run belong to the old one."""
+    is refused, since the trials already run belong to the old one. With ``storage`` (a database
+    URL), the spec and the plan go to that database under the name ``study`` (default: the
+    folder's name) and nothing is written in ``folder``."""
     folder = Path(folder)
+    if storage is not None:
+        with OpenStudy(folder, spec, open_storage(folder, spec, storage), study_name(folder, study), True,
+                       masked(storage)) as opened:
+            with exclusive(opened.storage):
+                _record_spec(opened)
+            for workload, batch_size, sparsity in spec.points():
+                _enqueue_missing(opened, workload, batch_size, sparsity)
+        return spec
+    _embedded_only(study)
     path = folder / SPEC_FILE
     if path.exists():
         old = load_spec(folder)
@@ -162,38 +195,238 @@ def plan(folder: str | Path, spec: StudySpec) -> StudySpec:
     else:
         text = json.dumps(spec.to_dict(), indent=2) + "\n"
         fsio.atomic_write(path, lambda tmp: tmp.write_text(text), what="store")
-    storage = open_storage(folder, spec)
-    for workload, batch_size, sparsity in spec.points():
-        _enqueue_missing(storage, point_name(workload.name, batch_size, sparsity), workload, spec.trials)
+    with OpenStudy(folder, spec, open_storage(folder, spec), study_name(folder), False, str(folder)) as opened:
+        for workload, batch_size, sparsity in spec.points():
+            _enqueue_missing(opened, workload, batch_size, sparsity)
     return spec
 
 
-def _enqueue_missing(storage, name: str, workload: Workload, trials: int) -> None:
+def _enqueue_missing(opened: OpenStudy, workload: Workload, batch_size: int, sparsity: float) -> None:
     import optuna
 
-    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
-    present = {t.user_attrs.get("plan_index") for t in study.get_trials(deepcopy=False)
-               if t.state != optuna.trial.TrialState.FAIL}
-    for index, params in enumerate(plan_points(workload.search, trials)):
-        if index not in present:
-            study.enqueue_trial(params, user_attrs={"plan_index": index})
+    with exclusive(opened.storage):  # a retry enqueued between our look and our enqueue would be a twin
+        study = optuna.create_study(study_name=opened.optuna_name(workload, batch_size, sparsity),
+                                    storage=opened.storage, direction="minimize", load_if_exists=True)
+        present = {t.user_attrs.get("plan_index") for t in study.get_trials(deepcopy=False)
+                   if t.state != optuna.trial.TrialState.FAIL}
+        for index, params in enumerate(plan_points(workload.search, opened.spec.trials)):
+            if index not in present:
+                study.enqueue_trial(params, user_attrs={"plan_index": index})
 
 
-def open_storage(folder: str | Path, spec: StudySpec):
-    """Optuna's RDB storage on ``folder/optuna.db`` with the spec's heartbeat, a stale trial
-    retried (never given up) by ``RetryHeartbeatStaleTrialCallback``."""
+# ----------------------------------------------------------------------------- where a study lives
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenStudy:
+    """A study opened for work or reading: ``folder`` (this host's run store and masks), its
+    ``spec``, its Optuna ``storage`` (open), its ``name`` (its runs' group name; in a shared
+    database, the prefix of its Optuna studies), whether the storage is ``shared`` (a database named
+    by URL rather than the folder's own ``optuna.db``), and ``where`` it lives, for messages (the
+    URL with its password masked, or the folder). A context manager: leaving it closes the
+    storage's pooled connections (a database server counts them)."""
+
+    folder: Path
+    spec: StudySpec
+    storage: Any
+    name: str
+    shared: bool
+    where: str
+
+    def optuna_name(self, workload: Workload, batch_size: int, sparsity: float) -> str:
+        """The Optuna study name of one point: :func:`point_name`, under the study's name in a
+        shared database (which holds many studies)."""
+        point = point_name(workload.name, batch_size, sparsity)
+        return f"{self.name}/{point}" if self.shared else point
+
+    def __enter__(self) -> OpenStudy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.storage.engine.dispose()
+
+    def point_study(self, workload: Workload, batch_size: int, sparsity: float):
+        import optuna
+
+        return optuna.load_study(study_name=self.optuna_name(workload, batch_size, sparsity), storage=self.storage)
+
+
+def study_name(folder: str | Path, study: str | None = None) -> str:
+    """A study's name: ``study`` if given, else its folder's name.
+
+    >>> study_name("/scratch/mnist-sgd"), study_name("/scratch/host-a", "mnist-sgd")
+    ('mnist-sgd', 'mnist-sgd')
+    """
+    name = Path(folder).resolve().name if study is None else study
+    if not name or "/" in name or name != name.strip():
+        raise SparsetrainError(f"--study {name!r} is not a usable study name: give a non-empty name without '/' "
+                               "or surrounding spaces, e.g. --study mnist-sgd")
+    return name
+
+
+def _embedded_only(study: str | None) -> None:
+    if study is not None:
+        raise SparsetrainError(f"--study {study!r} names a study in a --storage database; without --storage the "
+                               "study is the --dir folder's own (leave --study out, or add --storage URL)")
+
+
+def open_study(folder: str | Path, *, storage: str | None = None, study: str | None = None) -> OpenStudy:
+    """Open the study planned in ``folder`` or, with ``storage``, the one named ``study`` (default:
+    the folder's name) in that database (see the module docstring)."""
+    folder = Path(folder)
+    spec = load_spec(folder, storage=storage, study=study)
+    if storage is None:
+        return OpenStudy(folder, spec, open_storage(folder, spec), study_name(folder), False, str(folder))
+    return OpenStudy(folder, spec, open_storage(folder, spec, storage), study_name(folder, study), True,
+                     masked(storage))
+
+
+def masked(url: str) -> str:
+    """``url`` with its password hidden, for messages.
+
+    >>> masked("postgresql://me:s3cret@db.lab:5432/studies"), masked("postgresql://me@db.lab/studies")
+    ('postgresql://me:***@db.lab:5432/studies', 'postgresql://me@db.lab/studies')
+    """
+    return re.sub(r"^([^:/]+://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def storage_url(folder: str | Path, storage: str | None = None) -> str:
+    """The SQLAlchemy URL of a study's Optuna storage: None is the embedded SQLite file in
+    ``folder``; ``postgresql://`` (and ``postgres://``) mean PostgreSQL through psycopg 3, the
+    driver of ``pip install 'sparsetrain[cluster]'``; ``sqlite:///PATH`` is a SQLite file elsewhere
+    (one machine only). Other databases are refused: only these two are tested.
+
+    >>> storage_url("s", "postgresql://me@db.lab:5432/studies")
+    'postgresql+psycopg://me@db.lab:5432/studies'
+    """
+    if storage is None:
+        return f"sqlite:///{Path(folder).resolve() / OPTUNA_FILE}"
+    scheme, sep, rest = storage.partition("://")
+    if not sep or not rest:
+        raise SparsetrainError(f"--storage {masked(storage)!r} is not a database URL; give e.g. "
+                               "postgresql://USER@HOST:5432/DATABASE (or leave --storage out for the embedded "
+                               "SQLite file in --dir)")
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql+psycopg://" + rest
+    if scheme.startswith("postgresql+") or scheme == "sqlite":
+        return storage
+    raise SparsetrainError(f"--storage {masked(storage)!r}: {scheme!r} databases are not supported; use "
+                           "postgresql://USER@HOST:5432/DATABASE for many machines")
+
+
+def _connect(url: str, shown: str, heartbeat_interval: int, grace_period: int):
+    """Optuna's RDB storage on ``url``; a missing driver or an unreachable server is a
+    SparsetrainError naming ``shown`` (the URL, password masked)."""
     import optuna
+    import sqlalchemy.exc
     from optuna.exceptions import ExperimentalWarning
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = f"sqlite:///{Path(folder).resolve() / OPTUNA_FILE}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"connect_args": {"timeout": 120}},
-            heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None),
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 120}}  # seconds a writer waits for the file's lock
+    else:  # a connection dropped by the network or a restarted server is replaced, not reused
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None),
+            )
+    except ImportError as err:
+        raise SparsetrainError(f"cannot open the study storage {shown}: its database driver is not installed "
+                               f"({err.__cause__ or err}); install it: pip install 'sparsetrain[cluster]' "
+                               "(psycopg, for postgresql:// URLs)") from None
+    except sqlalchemy.exc.OperationalError as err:
+        reason = " ".join(str(getattr(err, "orig", None) or err).split())
+        raise SparsetrainError(f"cannot reach the study storage {shown} ({reason}); check that the server runs "
+                               "and that this host may connect (host, port, firewall, pg_hba.conf), and that the "
+                               "user and the database exist") from None
+    except sqlalchemy.exc.ArgumentError as err:
+        raise SparsetrainError(f"--storage {shown} is not a usable database URL ({err}); give e.g. "
+                               "postgresql://USER@HOST:5432/DATABASE") from None
+
+
+def _load_shared_spec(folder: str | Path, storage: str, study: str | None) -> StudySpec:
+    import optuna
+
+    name, shown = study_name(folder, study), masked(storage)
+    defaults = StudySpec.__dataclass_fields__
+    db = _connect(storage_url(folder, storage), shown, defaults["heartbeat_interval"].default,
+                  defaults["grace_period"].default)
+    try:
+        try:
+            data = optuna.load_study(study_name=name, storage=db).user_attrs.get(SPEC_ATTR)
+        except KeyError:
+            data = None
+        if data is None:
+            raise SparsetrainError(f"the database {shown} holds no sparsetrain study named {name!r}; plan it "
+                                   f"first (sparsetrain study plan --storage URL --study {name} --dir LOCAL ...), "
+                                   "or name the study with --study")
+        try:
+            return StudySpec.from_dict(data)
+        except (ValueError, KeyError, TypeError) as err:
+            raise SparsetrainError(f"study {name!r} in {shown} has a damaged spec ({type(err).__name__}: {err}); "
+                                   "plan the study again under another --study name") from None
+    finally:
+        db.engine.dispose()
+
+
+def _record_spec(opened: OpenStudy) -> None:
+    """Write the spec into the shared database (under :func:`exclusive`), or check it against the
+    one there."""
+    import optuna
+
+    holder = optuna.create_study(study_name=opened.name, storage=opened.storage, load_if_exists=True)
+    old = holder.user_attrs.get(SPEC_ATTR)
+    if old is None:
+        holder.set_user_attr(SPEC_ATTR, opened.spec.to_dict())
+    elif StudySpec.from_dict(old).to_dict() != opened.spec.to_dict():
+        raise SparsetrainError(
+            f"the database {opened.where} already holds a study named {opened.name!r} planned with other settings; "
+            f"plan the new one under another --study name (or work on the old one: sparsetrain study work "
+            f"--storage URL --study {opened.name} --dir LOCAL)"
         )
+
+
+@contextlib.contextmanager
+def exclusive(storage):
+    """Hold the study storage's one lock for the block: a PostgreSQL advisory lock (the server
+    releases it if this process dies), or a file lock beside a SQLite file. Every step that adds a
+    trial for a plan index (the plan's enqueue, the retry of a stale or given-back trial) and every
+    trial's finish take it, so that a plan index never gets two waiting copies nor two finished
+    trials, however many hosts work."""
+    import sqlalchemy
+
+    engine = getattr(storage, "_backend", storage).engine  # a study's storage is Optuna's cache around ours
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):  # a lost connection has released the lock already
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+                    conn.commit()
+        return
+    import fcntl
+
+    with open(f"{engine.url.database}.lock", "a") as lock:  # empty: only its lock matters
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_storage(folder: str | Path, spec: StudySpec, storage: str | None = None):
+    """Optuna's RDB storage on ``folder/optuna.db`` (or on the database URL ``storage``: see
+    :func:`storage_url`) with the spec's heartbeat, a stale trial retried (never given up) by
+    ``RetryHeartbeatStaleTrialCallback``."""
+    shown = str(Path(folder) / OPTUNA_FILE) if storage is None else masked(storage)
+    return _connect(storage_url(folder, storage), shown, spec.heartbeat_interval, spec.grace_period)
 
 
 # ----------------------------------------------------------------------------- one trial
@@ -220,8 +453,13 @@ class TrialWatch(Callback):
         return None
 
     def report(self, step: int, error: float) -> None:
+        import optuna
+
         if step not in self.reported and math.isfinite(error):
-            self.trial.report(error, step)
+            # a trial taken over (no heartbeat for longer than the grace period, e.g. a network
+            # outage) is no longer this worker's to report; its run still ends, its retry records it
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                self.trial.report(error, step)
             self.reported.add(step)
 
 
@@ -319,10 +557,12 @@ def _suggest(trial, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_trial(folder: Path, spec: StudySpec, workload: Workload, batch_size: int, sparsity: float, study,
-              trial_id: int, *, data_dir: str | Path | None = None, device: str | None = None) -> TrialOutcome:
-    """Run one claimed trial to its end and tell Optuna; returns its outcome. A KeyboardInterrupt
-    gives the trial back (failed, and a retry enqueued) before it propagates; an error fails it
-    (``sparsetrain study plan`` enqueues it again) and propagates."""
+              trial_id: int, *, data_dir: str | Path | None = None, device: str | None = None,
+              group_name: str | None = None) -> TrialOutcome:
+    """Run one claimed trial to its end and tell Optuna (:func:`record_trial`); returns its
+    outcome. Its run is grouped under ``("study", group_name)`` (default: the folder's name). A
+    KeyboardInterrupt gives the trial back (failed, and a retry enqueued) before it propagates; an
+    error fails it (``sparsetrain study plan`` enqueues it again) and propagates."""
     import optuna
 
     from sparsetrain.run import run
@@ -339,7 +579,7 @@ def run_trial(folder: Path, spec: StudySpec, workload: Workload, batch_size: int
         try:
             mask = shared_mask(folder, config, data_dir=data_dir, device=device)
             ran = run(config, store=store, data_dir=data_dir, device=device, progress=None, mask=mask,
-                      group=("study", folder.resolve().name), callbacks=[watch], wait=True)
+                      group=("study", group_name or folder.resolve().name), callbacks=[watch], wait=True)
         except KeyboardInterrupt:
             give_back(study, trial_id)
             raise
@@ -351,13 +591,38 @@ def run_trial(folder: Path, spec: StudySpec, workload: Workload, batch_size: int
     for step, error in curve:  # the part a resumed run did not go through again
         watch.report(step, error)
     status, steps = classify(ran.status, curve, workload.goal_error)
-    for key, value in (("status", status), ("steps_to_result", steps), ("run_key", ran.key)):
-        trial.set_user_attr(key, value)
-    if status == TrialStatus.STOPPED:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        study.tell(trial, float(steps) if steps is not None else math.inf)
+    record_trial(study, trial, index, status, steps, ran.key, curve)
     return TrialOutcome(workload.name, batch_size, sparsity, index, params, status, steps, curve)
+
+
+def record_trial(study, trial, index: int, status: str, steps: int | None, run_key: str,
+                 curve: list[tuple[int, float]]) -> bool:
+    """Tell Optuna how trial ``index`` of ``study`` ended: its status, steps-to-result, run key and
+    whole validation ``curve`` as user attributes (the report reads the curve from there, so no
+    host needs another's run store), its state and value as the module docstring says. Under
+    :func:`exclusive`: a trial taken over meanwhile is left to its retry, and a trial whose plan
+    index already has a finished trial (a copy that ran twice) is failed with ``duplicate_of``
+    (that trial's number). Returns whether this trial was recorded as the plan index's result."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    with exclusive(study._storage):
+        if study._storage.get_trial(trial._trial_id).state != S.RUNNING:
+            return False  # failed as stale by another worker: its retry records the plan index
+        twin = next((t.number for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED))
+                     if t.user_attrs.get("plan_index") == index), None)
+        if twin is not None:
+            trial.set_user_attr("duplicate_of", twin)
+            study.tell(trial, state=S.FAIL)
+            return False
+        for key, value in (("status", status), ("steps_to_result", steps), ("run_key", run_key),
+                           ("curve", [[int(step), float(error)] for step, error in curve])):
+            trial.set_user_attr(key, value)
+        if status == TrialStatus.STOPPED:
+            study.tell(trial, state=S.PRUNED)
+        else:
+            study.tell(trial, float(steps) if steps is not None else math.inf)
+    return True
 
 
 def give_back(study, trial_id: int) -> None:
@@ -366,7 +631,7 @@ def give_back(study, trial_id: int) -> None:
     import optuna
 
     storage = study._storage
-    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+    with exclusive(storage), contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
         if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
             callback = storage.get_heartbeat_stale_trial_callback()
             if callback is not None:
@@ -376,15 +641,16 @@ def give_back(study, trial_id: int) -> None:
 # ----------------------------------------------------------------------------- workers
 
 
-def _claim(storage, spec: StudySpec):
+def _claim(opened: OpenStudy):
     """Take the next waiting trial (points in spec order, lowest plan index first) after failing
     stale ones (so their retries are waiting too): ``(point, study, trial_id)``, or None."""
     import optuna
     from optuna.exceptions import ExperimentalWarning
 
-    for workload, batch_size, sparsity in spec.points():
-        study = optuna.load_study(study_name=point_name(workload.name, batch_size, sparsity), storage=storage)
-        with warnings.catch_warnings():
+    storage = opened.storage
+    for workload, batch_size, sparsity in opened.spec.points():
+        study = opened.point_study(workload, batch_size, sparsity)
+        with warnings.catch_warnings(), exclusive(storage):
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
@@ -395,44 +661,47 @@ def _claim(storage, spec: StudySpec):
     return None
 
 
-def _unfinished(storage, spec: StudySpec) -> int:
+def _unfinished(opened: OpenStudy) -> int:
     """How many trials are waiting or running over all points."""
     import optuna
 
     states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    return sum(len(optuna.load_study(study_name=point_name(w.name, b, s), storage=storage)
-                   .get_trials(deepcopy=False, states=states)) for w, b, s in spec.points())
+    return sum(len(opened.point_study(w, b, s).get_trials(deepcopy=False, states=states))
+               for w, b, s in opened.spec.points())
 
 
 def work_loop(folder: str | Path, *, max_trials: int | None = None, data_dir: str | Path | None = None,
-              device: str | None = None) -> int:
-    """Claim and run trials of the study in ``folder`` until none is waiting or running (waiting
-    while others run, to take over any whose worker dies), or ``max_trials`` are done. Returns how
-    many trials this process ran."""
-    folder = Path(folder)
-    spec = load_spec(folder)
-    storage = open_storage(folder, spec)
-    done = 0
-    while max_trials is None or done < max_trials:
-        claimed = _claim(storage, spec)
-        if claimed is None:
-            if _unfinished(storage, spec) == 0:
-                break
-            time.sleep(POLL_S)
-            continue
-        (workload, batch_size, sparsity), study, trial_id = claimed
-        run_trial(folder, spec, workload, batch_size, sparsity, study, trial_id, data_dir=data_dir, device=device)
-        done += 1
+              device: str | None = None, storage: str | None = None, study: str | None = None) -> int:
+    """Claim and run trials of the study in ``folder`` (or, with ``storage``, of the study named
+    ``study`` in that database, ``folder`` holding this host's runs and masks) until none is
+    waiting or running (waiting while others run, to take over any whose worker dies), or
+    ``max_trials`` are done. Returns how many trials this process ran."""
+    with open_study(folder, storage=storage, study=study) as opened:
+        folder, spec = opened.folder, opened.spec
+        done = 0
+        while max_trials is None or done < max_trials:
+            claimed = _claim(opened)
+            if claimed is None:
+                if _unfinished(opened) == 0:
+                    break
+                time.sleep(POLL_S)
+                continue
+            (workload, batch_size, sparsity), point_study, trial_id = claimed
+            run_trial(folder, spec, workload, batch_size, sparsity, point_study, trial_id, data_dir=data_dir,
+                      device=device, group_name=opened.name)
+            done += 1
     return done
 
 
-def _worker_main(folder: str, data_dir: str = "", device: str = "") -> None:
-    """A worker process's body (``python -c``; see :func:`work`): exit 2 with the message on a
-    SparsetrainError, 130 on Ctrl-C (its trial given back)."""
+def _worker_main(folder: str, data_dir: str = "", device: str = "", study: str = "") -> None:
+    """A worker process's body (``python -c``; see :func:`work`; the storage URL, if any, in
+    ``$SPARSETRAIN_STUDY_STORAGE``): exit 2 with the message on a SparsetrainError, 130 on Ctrl-C
+    (its trial given back)."""
     import sys
 
     try:
-        work_loop(folder, data_dir=data_dir or None, device=device or None)
+        work_loop(folder, data_dir=data_dir or None, device=device or None,
+                  storage=os.environ.get(STORAGE_ENV) or None, study=study or None)
     except KeyboardInterrupt:
         sys.exit(130)
     except SparsetrainError as err:
@@ -444,8 +713,10 @@ _WORKER = "import sys; from sparsetrain.study.engine import _worker_main; _worke
 
 
 def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = None, device: str | None = None,
-         progress: bool = True, on_start: Callable[[list[int]], None] | None = None) -> dict[str, Any]:
-    """Run the study in ``folder`` with ``workers`` local processes until every trial is finished
+         progress: bool = True, on_start: Callable[[list[int]], None] | None = None, storage: str | None = None,
+         study: str | None = None) -> dict[str, Any]:
+    """Run the study in ``folder`` (or, with ``storage``, the study named ``study`` in that
+    database: see :func:`work_loop`) with ``workers`` local processes until every trial is finished
     (plan indexes whose trial failed with an error are enqueued again first). Shows a progress bar
     of finished trials. ``on_start(pids)`` sees the workers' process ids. Returns
     ``{"exit_codes": [...], "finished": n, "total": m}`` (a worker killed by a signal has exit code
@@ -461,33 +732,39 @@ def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise SparsetrainError(f"--workers must be a positive whole number; got {workers!r}")
     folder = Path(folder)
-    spec = plan(folder, load_spec(folder))  # re-enqueue what failed, before any worker starts
+    # re-enqueue what failed, before any worker starts
+    spec = plan(folder, load_spec(folder, storage=storage, study=study), storage=storage, study=study)
     total = spec.trials * len(spec.points())
-    storage = open_storage(folder, spec)
-    args = [str(folder), "" if data_dir is None else str(data_dir), device or ""]
-    processes = [subprocess.Popen([sys.executable, "-c", _WORKER, *args]) for _ in range(workers)]
+    opened = open_study(folder, storage=storage, study=study)
+    args = [str(folder), "" if data_dir is None else str(data_dir), device or "", study or ""]
+    env = {k: v for k, v in os.environ.items() if k != STORAGE_ENV}
+    if storage is not None:
+        env[STORAGE_ENV] = storage
+    processes = [subprocess.Popen([sys.executable, "-c", _WORKER, *args], env=env) for _ in range(workers)]
     if on_start is not None:
         on_start([p.pid for p in processes])
     bar = tqdm(total=total, disable=not progress, desc="trials", dynamic_ncols=True)
-    try:
-        # poll every process each time (not any(), which stops at the first live one): poll()
-        # reaps a killed worker, whose pid would otherwise still look alive to the run store's lease
-        while [p.poll() for p in processes].count(None):
-            bar.update(max(0, _finished_count(folder, spec, storage) - bar.n))
-            time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        for p in processes:
-            p.wait()  # each worker got the Ctrl-C too and gives its trial back
-        raise
-    finally:
-        bar.update(max(0, _finished_count(folder, spec, storage) - bar.n))
-        bar.close()
+    with opened:
+        try:
+            # poll every process each time (not any(), which stops at the first live one): poll()
+            # reaps a killed worker, whose pid would otherwise still look alive to the run store's lease
+            while [p.poll() for p in processes].count(None):
+                bar.update(max(0, _finished_count(opened) - bar.n))
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            for p in processes:
+                p.wait()  # each worker got the Ctrl-C too and gives its trial back
+            raise
+        finally:
+            finished = _finished_count(opened)
+            bar.update(max(0, finished - bar.n))
+            bar.close()
     codes = [p.returncode for p in processes]
-    finished = _finished_count(folder, spec, storage)
     if finished < total and any(c != 0 for c in codes):
         raise SparsetrainError(
             f"workers ended with exit codes {codes} and {total - finished} of {total} trials are not finished; "
-            f"see the messages above, fix the cause and run sparsetrain study work --dir {folder} again"
+            f"see the messages above, fix the cause and run sparsetrain study work --dir {folder}"
+            + ("" if storage is None else f" --storage URL --study {opened.name}") + " again"
         )
     return {"exit_codes": codes, "finished": finished, "total": total}
 
@@ -495,25 +772,27 @@ def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = 
 # ----------------------------------------------------------------------------- reading a study
 
 
-def _finished_count(folder: Path, spec: StudySpec, storage=None) -> int:
-    return sum(row["finished"] for row in status_rows(folder, spec, storage))
+def _finished_count(opened: OpenStudy) -> int:
+    return sum(row["finished"] for row in _status_rows(opened))
 
 
-def status_rows(folder: str | Path, spec: StudySpec | None = None, storage=None) -> list[dict[str, Any]]:
-    """Progress per point: trials planned, finished by status, running, waiting, failed attempts,
-    and K* so far. ``storage``: the study's open storage, if the caller has one."""
+def status_rows(folder: str | Path, *, storage: str | None = None, study: str | None = None) -> list[dict[str, Any]]:
+    """Progress per point: trials planned, finished by status, running, waiting, failed attempts
+    (killed, errors, duplicates), and K* so far. ``storage``, ``study``: as :func:`work_loop`."""
+    with open_study(folder, storage=storage, study=study) as opened:
+        return _status_rows(opened)
+
+
+def _status_rows(opened: OpenStudy) -> list[dict[str, Any]]:
     import optuna
 
-    folder = Path(folder)
-    spec = spec or load_spec(folder)
-    storage = storage or open_storage(folder, spec)
     S = optuna.trial.TrialState
     rows = []
-    for workload, batch_size, sparsity in spec.points():
+    for workload, batch_size, sparsity in opened.spec.points():
         name = point_name(workload.name, batch_size, sparsity)
-        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        trials = opened.point_study(workload, batch_size, sparsity).get_trials(deepcopy=False)
         ended = [t for t in trials if t.state in (S.COMPLETE, S.PRUNED)]
-        row = {"point": name, "planned": spec.trials, "finished": len(ended),
+        row = {"point": name, "planned": opened.spec.trials, "finished": len(ended),
                "running": sum(t.state == S.RUNNING for t in trials),
                "waiting": sum(t.state == S.WAITING for t in trials),
                "failed_attempts": sum(t.state == S.FAIL for t in trials)}
@@ -525,33 +804,34 @@ def status_rows(folder: str | Path, spec: StudySpec | None = None, storage=None)
     return rows
 
 
-def outcomes(folder: str | Path) -> list[TrialOutcome]:
-    """Every finished trial of the study in ``folder`` as a :class:`TrialOutcome` (its validation
-    curve from the run store), points in spec order, plan order within a point. Raises
-    SparsetrainError if a plan index holds two finished trials (a trial counted twice)."""
+def outcomes(folder: str | Path, *, storage: str | None = None, study: str | None = None) -> list[TrialOutcome]:
+    """Every finished trial of the study in ``folder`` (``storage``, ``study``: as
+    :func:`work_loop`) as a :class:`TrialOutcome` (its validation curve from Optuna), points in
+    spec order, plan order within a point. Raises SparsetrainError if a plan index holds two
+    finished trials (a trial counted twice)."""
     import optuna
 
-    folder = Path(folder)
-    spec = load_spec(folder)
-    storage = open_storage(folder, spec)
-    store = RunStore(folder / RUNS_DIR)
     S = optuna.trial.TrialState
     out = []
-    for workload, batch_size, sparsity in spec.points():
-        name = point_name(workload.name, batch_size, sparsity)
-        ended = [t for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-                 if t.state in (S.COMPLETE, S.PRUNED)]
-        seen: set[int] = set()
-        for t in sorted(ended, key=lambda t: t.user_attrs["plan_index"]):
-            index = t.user_attrs["plan_index"]
-            if index in seen:
-                raise SparsetrainError(f"{name}: plan index {index} has two finished trials; the study is "
-                                       "inconsistent (please report this)")
-            seen.add(index)
-            curve = store.metrics(t.user_attrs["run_key"], "val_error").get("val_error", [])
-            out.append(TrialOutcome(workload.name, batch_size, sparsity, index, dict(t.params),
-                                    t.user_attrs["status"], t.user_attrs.get("steps_to_result"),
-                                    [(int(s), float(e)) for s, e in curve]))
+    with open_study(folder, storage=storage, study=study) as opened:
+        for workload, batch_size, sparsity in opened.spec.points():
+            name = point_name(workload.name, batch_size, sparsity)
+            ended = [t for t in opened.point_study(workload, batch_size, sparsity).get_trials(deepcopy=False)
+                     if t.state in (S.COMPLETE, S.PRUNED)]
+            seen: set[int] = set()
+            for t in sorted(ended, key=lambda t: t.user_attrs["plan_index"]):
+                index = t.user_attrs["plan_index"]
+                if index in seen:
+                    raise SparsetrainError(f"{name}: plan index {index} has two finished trials; the study is "
+                                           "inconsistent (please report this)")
+                seen.add(index)
+                curve = t.user_attrs.get("curve")
+                if curve is None:  # a trial recorded before curves went to Optuna: its run in this folder
+                    curve = RunStore(opened.folder / RUNS_DIR).metrics(t.user_attrs["run_key"], "val_error").get(
+                        "val_error", [])
+                out.append(TrialOutcome(workload.name, batch_size, sparsity, index, dict(t.params),
+                                        t.user_attrs["status"], t.user_attrs.get("steps_to_result"),
+                                        [(int(s), float(e)) for s, e in curve]))
     return out
 
 
