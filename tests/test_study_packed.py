@@ -105,27 +105,32 @@ def check_equal(configs, masks, tmp_path, callbacks=lambda i: ()):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 def test_packed_sgd_equals_single_with_goal_and_early_stop(tmp_path, sparsity):
-    w = workload(tmp_path)
-    configs, masks = trials_of(w, tmp_path, sparsity, 6)
-    statuses, steps = check_equal(configs, masks, tmp_path, callbacks=lambda i: [watch(60, w.goal_error)] if i % 2 else [])
+    w = workload(tmp_path, iterations=60)
+    configs, masks = trials_of(w, tmp_path, sparsity, 4)
+
+    def early(i):  # odd trials see a best K* of 30 for their point
+        return [watch(30, w.goal_error)] if i % 2 else []
+
+    statuses, steps = check_equal(configs, masks, tmp_path, callbacks=early)
     assert "stopped" in statuses and "finished" in statuses  # goal or early stop; budget spent
-    assert any(s < 100 for s in steps) and any(s == 100 for s in steps)
+    assert any(s < 60 for s in steps) and any(s == 60 for s in steps)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_packed_momentum_and_nesterov_with_per_trial_schedules(tmp_path, nesterov):
-    w = workload(tmp_path, momentum=0.9, nesterov=nesterov, schedule="linear", weight_decay=1e-3, goal=0.05)
+    w = workload(tmp_path, momentum=0.9, nesterov=nesterov, schedule="linear", weight_decay=1e-3, goal=0.05,
+                 iterations=60)
     assert w.search == ("learning_rate", "momentum", "decay_steps", "end_learning_rate_factor")
     params = [{"learning_rate": lr, "momentum": mu, "decay_steps": d, "end_learning_rate_factor": e}
               for lr, mu, d, e in [(0.01, 0.9, 40, 0.1), (0.003, 0.99, 70, 0.01), (0.03, 0.95, 20, 0.5),
                                    (0.001, 0.999, 90, 0.001)]]
     configs, masks = trials_of(w, tmp_path, 0.5, 4, params)
     assert {c.train.schedule for c in configs} == {"linear-then-constant"}
-    check_equal(configs, masks, tmp_path, callbacks=lambda i: [watch(80, w.goal_error)])
+    check_equal(configs, masks, tmp_path, callbacks=lambda i: [watch(50, w.goal_error)])
 
 
 def test_packed_convolutional_network_sparse(tmp_path):
-    w = workload(tmp_path, model="simple-cnn", shape=(1, 16, 16), iterations=40, goal=0.02)
+    w = workload(tmp_path, model="simple-cnn", shape=(1, 16, 16), iterations=30, goal=0.02)
     configs, masks = trials_of(w, tmp_path, 0.5, 3)
     check_equal(configs, masks, tmp_path)
 
@@ -150,8 +155,8 @@ def cubic_model():
 
 
 def test_a_diverging_trial_leaves_the_pack_as_it_would_alone(tmp_path, cubic_model):
-    w = workload(tmp_path, model=cubic_model, iterations=100, goal=0.02)
-    configs, masks = trials_of(w, tmp_path, 0.0, 6)  # learning rates 0.01 .. 0.32: two diverge
+    w = workload(tmp_path, model=cubic_model, iterations=60, goal=0.02)
+    configs, masks = trials_of(w, tmp_path, 0.0, 3)  # learning rates 0.01, 0.1, 0.001: the second diverges
     statuses, steps = check_equal(configs, masks, tmp_path)
     assert statuses.count("infeasible") >= 1 and statuses.count("finished") >= 1
     assert {s for s, st in zip(steps, statuses) if st == "infeasible"} == {50}  # the first loss check
@@ -185,3 +190,82 @@ def test_measure_times_a_pack_against_single_steps_and_choose_follows_the_ratio(
     assert measured["ratio"] == pytest.approx(measured["single_s"] / measured["pack_s"])
     assert packed.choose({**measured, "ratio": packed.PAYS}) == 3
     assert packed.choose({**measured, "ratio": packed.PAYS * 0.99}) == 1
+
+
+# ----------------------------------------------------------------------------- in the engine
+
+
+def study_spec(w, **changes):
+    settings = {"batch_sizes": (8, 32), "sparsities": (0.5,), "trials": 4, "heartbeat_interval": 1,
+                "grace_period": 3, **changes}
+    return engine.StudySpec((w,), **settings)
+
+
+def work(folder, pack):
+    """Work the study in ``folder`` to its end in this process with ``--pack pack``."""
+    if pack == 1:
+        return engine.work_loop(folder)
+    opened, n = engine.open_study(folder), 0
+    while (claimed := engine._claim(opened)) is not None:
+        n += packed.work_claimed(opened, claimed, pack)
+    return n
+
+
+@pytest.mark.slow  # two small studies of 8 trials: ~8 s quiet, ~20 s on a loaded 2-core machine
+def test_packed_study_records_every_trial_once_with_the_single_curves_and_k_star(tmp_path):
+    # the oracle: the study one trial at a time without early stop (every curve whole); packed
+    # with early stop, each trial's curve is a prefix of its whole one and K* is the same
+    w = workload(tmp_path, shape=(1, 8, 8), iterations=50, goal=0.4)
+    engine.plan(tmp_path / "single", study_spec(w, early_stop=False))
+    engine.plan(tmp_path / "packed", study_spec(w))
+    assert work(tmp_path / "single", 1) == 8 and work(tmp_path / "packed", 3) == 8
+    single, pack = engine.outcomes(tmp_path / "single"), engine.outcomes(tmp_path / "packed")
+    assert [(o.point, o.plan_index) for o in pack] == [(o.point, o.plan_index) for o in single]  # each once
+    for whole, part in zip(single, pack):
+        assert [s for s, _ in part.curve] == [s for s, _ in whole.curve][:len(part.curve)]
+        assert all(abs(e - f) <= 1e-5 for (_, e), (_, f) in zip(whole.curve, part.curve))
+        if part.status == "stopped":  # early stop: it would not have reached the goal by its stop step
+            assert whole.status != "complete" or whole.steps_to_result > part.curve[-1][0]
+        else:
+            assert (part.status, part.steps_to_result) == (whole.status, whole.steps_to_result)
+    assert {o.status for o in pack} >= {"complete", "stopped"} and {o.status for o in single} >= {"incomplete"}
+    assert {p: steps(single, p) for p in points(single)} == {p: steps(pack, p) for p in points(pack)}
+    best_single, best_pack = engine.best_trials(single), engine.best_trials(pack)
+    assert {p: o.plan_index for p, o in best_single.items()} == {p: o.plan_index for p, o in best_pack.items()}
+    runs = RunStore(tmp_path / "packed" / "runs").list()
+    assert len(runs) == 8 and {r.group_name for r in runs} == {"packed"}
+    assert sorted(r.results.get("packed", 1) for r in runs) == [1] * 2 + [3] * 6  # 4 trials a point: 3 + 1
+    rows = engine.status_rows(tmp_path / "packed")
+    assert all(r["finished"] == 4 and r["running"] == r["waiting"] == r["failed_attempts"] == 0 for r in rows)
+    # assert [r["packing"] for r in rows] == ["3 (asked)"] * 2
+
+
+def points(outcomes):
+    return sorted({o.point for o in outcomes})
+
+
+def steps(outcomes, point):
+    from sparsetrain.study.outcome import steps_to_result
+
+    return steps_to_result([o for o in outcomes if o.point == point])
+
+
+def test_auto_packs_only_where_the_measured_ratio_pays_and_records_it(tmp_path, monkeypatch):
+    measured = []
+
+    def fake_measure(members, **kw):  # pays at B = 8, not at B = 32
+        measured.append((members[0].config.train.batch_size, len(members)))
+        ratio = 3.0 if members[0].config.train.batch_size == 8 else 0.5
+        return {"pack": len(members), "steps": 3, "rounds": 5, "pack_s": 1.0, "single_s": ratio, "ratio": ratio}
+
+    monkeypatch.setattr(packed, "measure", fake_measure)
+    w = workload(tmp_path, iterations=30)
+    folder = tmp_path / "study"
+    engine.plan(folder, study_spec(w, trials=2, early_stop=False))
+    assert work(folder, "auto") == 4
+    assert measured == [(8, 2), (32, 2)]  # once a point (2 trials planned), then read back
+    rows = engine.status_rows(folder)
+    assert [r["finished"] for r in rows] == [2, 2]
+    # assert [r["packing"] for r in rows] == ["2 (measured 3.00x)", "1 (measured 0.50x)"]
+    runs = RunStore(folder / "runs").list()
+    assert sorted(r.results.get("packed", 1) for r in runs) == [1, 1, 2, 2]

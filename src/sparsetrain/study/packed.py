@@ -51,9 +51,9 @@ from sparsetrain.batches import logits_of
 from sparsetrain.config import RunConfig
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.masks import Mask, resolve_mask
-from sparsetrain.models import create_model
 from sparsetrain.init import initialize_
-from sparsetrain.pipeline import Built, build, init_under_mask
+from sparsetrain.models import create_model
+from sparsetrain.pipeline import Built, build, init_under_mask, validate
 from sparsetrain.threads import training_threads
 from sparsetrain.train.loop import FINISHED, INFEASIBLE, STOPPED, Callback, StopAtGoal, TrainResult
 from sparsetrain.train.optim import SCHEDULES, total_iterations
@@ -62,6 +62,8 @@ from sparsetrain.train.optim import SCHEDULES, total_iterations
 PER_TRIAL = ("lr", "momentum", "decay_every", "end_lr_factor")
 #: The pack size ``--pack auto`` tries.
 AUTO_PACK = 16
+#: ``--pack auto`` measures packs of at most this many examples a step (K * B).
+AUTO_EXAMPLES = 4096
 #: ``--pack auto`` packs when a pack trains at least this many times the trials per second of one
 #: trial at a time (a margin over 1: the measurement is a few steps on a possibly loaded machine).
 PAYS = 1.2
@@ -158,6 +160,8 @@ class Pack:
             raise SparsetrainError(f"these trials cannot be packed: {why}; run them one at a time (--pack 1)")
         self.members = list(members)
         first = members[0].config
+        for m in members:
+            validate(m.config)
         built0 = build(first, data_dir=data_dir, device=device, download=download)
         self.device, self.loaders = built0.device, built0.loaders
         models, self.streams = [], []
@@ -307,7 +311,12 @@ def train_pack(members: list[Member], *, data_dir: str | Path | None = None, dev
     """Train ``members`` together (see the module docstring); each trial's
     :class:`~sparsetrain.train.loop.TrainResult` in the members' order, each as its run alone
     would end (status, steps, curves, test errors; ``seconds``: the pack's time until it left)."""
-    pack = Pack(members, data_dir=data_dir, device=device, download=download)
+    return train(Pack(members, data_dir=data_dir, device=device, download=download))
+
+
+def train(pack: Pack) -> list[TrainResult]:
+    """Train a built :class:`Pack` to every trial's end (:func:`train_pack`)."""
+    members = list(pack.members)
     tracks = [_Track(m, list(m.callbacks) + ([StopAtGoal(m.config.train.goal_error)]
                                              if m.config.train.goal_error > 0 else [])) for m in members]
     results: dict[int, TrainResult] = {}
@@ -466,3 +475,232 @@ def choose(measured: dict[str, Any]) -> int:
     (16, 1)
     """
     return measured["pack"] if measured["ratio"] >= PAYS else 1
+
+
+# ----------------------------------------------------------------------------- in the study engine
+
+
+def packing_summary(packing: dict[str, Any] | None) -> str | None:
+    """What ``study status`` shows of a point's packing choice (the point's user attribute
+    ``packing``): the pack size chosen and why.
+
+    >>> packing_summary({"chosen": 16, "ratio": 3.21}), packing_summary({"chosen": 1, "ratio": 0.67})
+    ('16 (measured 3.21x)', '1 (measured 0.67x)')
+    >>> packing_summary({"chosen": 8}), packing_summary({"chosen": 1, "reason": "optimizer 'adam'"})
+    ('8 (asked)', "1 (optimizer 'adam')")
+    """
+    if not packing:
+        return None
+    chosen = packing["chosen"]
+    if "ratio" in packing:
+        return f"{chosen} (measured {packing['ratio']:.2f}x)"
+    return f"{chosen} ({packing.get('reason', 'asked')})"
+
+
+def _decide(opened, workload, batch_size: int, sparsity: float, study, pack, mask, *, data_dir=None,
+            device=None) -> int:
+    """The pack size for this point: ``pack`` when a number; for ``"auto"`` the choice already
+    recorded in the point's user attribute ``packing`` (by any worker), else measured now
+    (:func:`measure` on the point's first plan points, :data:`AUTO_PACK` of them at most) and
+    recorded. Trials that cannot be packed run one at a time, the reason recorded."""
+    from sparsetrain.study.plan import plan_points
+
+    recorded = study.user_attrs.get("packing")
+    if pack == "auto" and recorded is not None:
+        return int(recorded["chosen"])
+    size = min(AUTO_PACK if pack == "auto" else int(pack), opened.spec.trials)
+    if pack == "auto":  # a pack of at most AUTO_EXAMPLES examples a step: large batches fill the device alone
+        size = min(size, max(2, AUTO_EXAMPLES // batch_size))
+    configs = [workload.trial_config(batch_size, sparsity, p, seed=i)
+               for i, p in enumerate(plan_points(workload.search, size))]
+    decision: dict[str, Any] = {"chosen": size}
+    why = "one trial per point" if size < 2 else why_not_packable(configs)
+    if why is None and pack == "auto":
+        try:
+            measured = measure([Member(c, mask) for c in configs], data_dir=data_dir, device=device)
+        except SparsetrainError as err:  # e.g. a model with batch norm: not packable
+            why = str(err).split(": ", 1)[-1].split("; run them", 1)[0]
+        else:
+            decision = {"chosen": choose(measured), **measured, "device": str(device or "auto")}
+    if why is not None:
+        decision = {"chosen": 1, "reason": why}
+    if recorded != decision:
+        study.set_user_attr("packing", decision)
+    return int(decision["chosen"])
+
+
+def _claim_more(storage, study, count: int) -> list[int]:
+    """Claim up to ``count`` more waiting trials of ``study`` (lowest plan index first), as the
+    engine's claim does (Optuna's atomic WAITING -> RUNNING)."""
+    import contextlib
+
+    import optuna
+
+    S = optuna.trial.TrialState
+    taken: list[int] = []
+    waiting = study.get_trials(deepcopy=False, states=(S.WAITING,))
+    for t in sorted(waiting, key=lambda t: (t.user_attrs.get("plan_index", 0), t.number)):
+        if len(taken) == count:
+            break
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if storage.set_trial_state_values(t._trial_id, state=S.RUNNING):
+                storage.record_heartbeat(t._trial_id)  # at once: a claimed trial must be taken over if we die
+                taken.append(t._trial_id)
+    return taken
+
+
+def work_claimed(opened, claimed, pack, *, data_dir=None, device=None) -> int:
+    """Run the trial the engine claimed (``claimed``: ``(point, study, trial_id)``) with up to
+    K - 1 more waiting trials of the same point packed with it, K from :func:`_decide`; each
+    trial is recorded as :func:`sparsetrain.study.engine.run_trial` records it (its own run in
+    the run store, its outcome told to Optuna as soon as it leaves the pack). Returns how many
+    trials ran."""
+    from sparsetrain.study import engine
+
+    (workload, batch_size, sparsity), study, trial_id = claimed
+    frozen = study._storage.get_trial(trial_id)
+    config = workload.trial_config(batch_size, sparsity, frozen.system_attrs.get("fixed_params", {}),
+                                   seed=frozen.user_attrs["plan_index"])
+    with engine._heartbeat(study._storage, trial_id, opened.spec.heartbeat_interval):
+        mask = engine.shared_mask(opened.folder, config, data_dir=data_dir, device=device)
+        size = _decide(opened, workload, batch_size, sparsity, study, pack, mask, data_dir=data_dir, device=device)
+        ids = [trial_id] + (_claim_more(opened.storage, study, size - 1) if size > 1 else [])
+    kwargs = {"data_dir": data_dir, "device": device, "group_name": opened.name}
+    if len(ids) == 1:
+        engine.run_trial(opened.folder, opened.spec, workload, batch_size, sparsity, study, trial_id, **kwargs)
+        return 1
+    return run_packed(opened, workload, batch_size, sparsity, study, ids, data_dir=data_dir, device=device)
+
+
+def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_ids: list[int], *,
+               data_dir=None, device=None) -> int:
+    """Train the claimed trials ``trial_ids`` of one point as one pack and record each (see
+    :func:`work_claimed`). A trial whose run the store already holds (finished: reused; begun by
+    a single run with a checkpoint: resumed) or that another process trains now goes through
+    :func:`~sparsetrain.study.engine.run_trial` instead. A KeyboardInterrupt gives every
+    unrecorded trial back; an error fails them (as run_trial does) and propagates."""
+    import contextlib
+    import os
+    import socket
+
+    import optuna
+
+    from sparsetrain.pipeline import layer_table, overall
+    from sparsetrain.run import _combined_key, _what_is_trained
+    from sparsetrain.store import TERMINAL_STATUSES, RunStatus, RunStore
+    from sparsetrain.study import engine
+
+    folder, spec, storage = opened.folder, opened.spec, study._storage
+    store = RunStore(folder / engine.RUNS_DIR)
+    group = ("study", opened.name)
+    singles: list[int] = []
+    open_runs: dict[int, tuple[Any, str, Any]] = {}  # trial id -> (trial, run key, lease) until recorded
+    done: set[int] = set()  # trial ids recorded
+    with contextlib.ExitStack() as stack:
+        for tid in trial_ids:
+            stack.enter_context(engine._heartbeat(storage, tid, spec.heartbeat_interval))
+        members: list[Member] = []
+        try:
+            for tid in trial_ids:
+                trial = optuna.Trial(study, tid)
+                frozen = storage.get_trial(tid)
+                index = frozen.user_attrs["plan_index"]
+                params = engine._suggest(trial, frozen.system_attrs.get("fixed_params", {}))
+                trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                config = workload.trial_config(batch_size, sparsity, params, seed=index)
+                mask = engine.shared_mask(folder, config, data_dir=data_dir, device=device)
+                key = config.key() if mask is None else _combined_key(config, mask)
+                try:
+                    lease = store.take_lease(key)
+                except SparsetrainError:  # trained by another process now: run_trial waits for it
+                    singles.append(tid)
+                    continue
+                record = store.get(key)
+                resumable = record is not None and (store.artifact_dir(key) / "checkpoint.safetensors").exists()
+                if record is not None and (record.status in TERMINAL_STATUSES or resumable):
+                    lease.release()  # reused or resumed by the single path
+                    singles.append(tid)
+                    continue
+                if record is not None:  # a packed attempt that was killed: nothing to resume, start over
+                    store.delete(key)
+                _, recorded = _what_is_trained(config, mask)
+                store.begin(key, recorded, config.seed, name=config.name, group=group)
+                open_runs[tid] = (trial, key, lease)
+                watch = engine.TrialWatch(trial, workload.goal_error, lambda: engine._best_known(study),
+                                          spec.early_stop)
+                end = _Recorder(store, study, trial, index, key, watch, workload, open_runs, done, tid)
+                members.append(Member(config, mask, [watch], _logger(store, key, lease), end))
+            if members:
+                pack = Pack(members, data_dir=data_dir, device=device)
+                for m in members:
+                    m.on_end.layers = layer_table(m.mask, pack.module, pack.loaders.input_shape)
+                    m.on_end.extra = {"sparsity": overall(m.mask), "device": str(pack.device), "packed": len(members)}
+                train(pack)
+            for tid in singles:
+                engine.run_trial(folder, spec, workload, batch_size, sparsity, study, tid, data_dir=data_dir,
+                                 device=device, group_name=opened.name)
+                done.add(tid)
+        except KeyboardInterrupt:
+            for tid in (t for t in trial_ids if t not in done):
+                if tid in open_runs:
+                    _end_run(store, *open_runs[tid][1:], "KeyboardInterrupt: given back", RunStatus.INTERRUPTED)
+                engine.give_back(study, tid)  # (a trial run_trial gave back already stays as it is)
+            raise
+        except BaseException as err:
+            for tid in (t for t in trial_ids if t not in done):
+                if tid in open_runs:  # this pack's error: failed, as run_trial fails a trial
+                    trial = open_runs[tid][0]
+                    _end_run(store, *open_runs[tid][1:], f"{type(err).__name__}: {err}", RunStatus.FAILED)
+                    trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                else:  # not started (or failed by its own run_trial): retried
+                    engine.give_back(study, tid)
+            raise
+    return len(trial_ids)
+
+
+def _end_run(store, key: str, lease, error: str, status: str) -> None:
+    import contextlib
+
+    with contextlib.suppress(SparsetrainError):
+        if lease.lost is None:
+            store.fail(key, error, status=status)
+        lease.release()
+
+
+def _logger(store, key: str, lease) -> Callable[[int, dict[str, float]], None]:
+    """A packed trial's ``on_metrics``: into its run's metrics, as a single run logs them."""
+
+    def on_metrics(step: int, values: dict[str, float]) -> None:
+        lease.check()  # taken over by another process: stop before writing anything of theirs
+        store.log_metrics(key, step, values)
+
+    return on_metrics
+
+
+class _Recorder:
+    """A packed trial's ``on_end``: finish its run (results, layer table, timings) and tell Optuna
+    as run_trial does (:func:`sparsetrain.study.engine.record_trial`), at once, so that the
+    trials still in the pack see this one's steps-to-result for their early stop."""
+
+    def __init__(self, store, study, trial, index, key, watch, workload, open_runs, done, tid):
+        self.store, self.study, self.trial, self.index, self.key = store, study, trial, index, key
+        self.watch, self.workload, self.open_runs, self.done, self.tid = watch, workload, open_runs, done, tid
+        self.layers: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
+
+    def __call__(self, result: TrainResult) -> None:
+        from sparsetrain.study import engine
+
+        _, key, lease = self.open_runs[self.tid]
+        lease.check()
+        self.store.finish(key, result.as_results() | self.extra, layer_sparsity=self.layers,
+                          timings={"prune_seconds": 0.0, "train_seconds": result.seconds}, status=result.status)
+        lease.release()
+        del self.open_runs[self.tid]
+        curve = self.store.metrics(key, "val_error").get("val_error", [])
+        for step, error in curve:
+            self.watch.report(step, error)
+        status, steps = engine.classify(result.status, curve, self.workload.goal_error)
+        engine.record_trial(self.study, self.trial, self.index, status, steps, key, curve)
+        self.done.add(self.tid)
