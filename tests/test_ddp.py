@@ -163,3 +163,18 @@ def test_a_rank_takes_its_slice_of_the_global_batch():
     assert first.shard((x, y))[1].tolist() == [0, 1]
     assert second.shard((x, y))[1].tolist() == [4, 5]
     assert second.shard({"input": x, "labels": y})["input"].tolist() == [[8.0, 9.0], [10.0, 11.0]]
+
+
+def test_the_key_is_one_process_s_unless_the_model_trains_differently_in_several():
+    """LeNet-300-100 trains as one process does in any number: the same key. conv-tiny's batch
+    norm normalises each slice on CPU (SyncBatchNorm needs CUDA): its key includes N."""
+    from sparsetrain.run import run_key as one_process_key
+
+    lenet = CONFIG
+    assert distributed.run_key(lenet, one_process_key(lenet), 2, "cpu") == one_process_key(lenet)
+    tiny = CONFIG.replace(model="conv-tiny")
+    assert distributed.differs_from_one_process(tiny, "cpu") == [
+        "batch normalisation on CPU (each process normalises its slice; SyncBatchNorm needs CUDA)"]
+    keys = {distributed.run_key(tiny, one_process_key(tiny), n, "cpu") for n in (1, 2, 4)}
+    assert len(keys) == 3 and one_process_key(tiny) in keys
+    assert distributed.run_key(tiny, one_process_key(tiny), 2, "cuda") == one_process_key(tiny)  # SyncBatchNorm

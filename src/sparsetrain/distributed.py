@@ -17,8 +17,13 @@ whose random draws and batch statistics are per slice, as in any data-parallel t
   refused: prune first (``sparsetrain prune``) and train the mask file.
 - **The store** is written by rank 0 alone: the record, the mask file, the checkpoints and the
   metrics. A resumed run resumes from rank 0's checkpoint on every rank (rank 0 reads it and sends
-  it to the others, so it needs to be on rank 0's machine only). The run's key does not depend on
-  the number of processes (nor on ``--threads`` or the device): the result is the same run's.
+  it to the others, so it needs to be on rank 0's machine only).
+- **The run's key** does not depend on the number of processes (nor on ``--threads`` or the
+  device) where the result is one process's: such a run is the same run, recorded once. A model
+  with dropout (each rank draws its own masks for its slice) or, on CPU, batch normalisation
+  (each rank normalises its slice; on CUDA the layers become SyncBatchNorm, which normalises over
+  the global batch, as one process) trains differently in N processes: its key then includes N
+  (:func:`run_key`).
 - **Failures**: a rank that raises ends its process; the launcher then stops the others, and
   :func:`run_ddp` raises the failed rank's error. Every collective operation has a timeout
   (:data:`TIMEOUT_S`), so a rank whose peer vanished (another machine) fails instead of waiting.
@@ -34,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -125,9 +131,17 @@ class Ranks:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` in DistributedDataParallel (its gradients averaged over the ranks in the
-        backward pass; rank 0's weights and buffers copied to every rank now)."""
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        backward pass; rank 0's weights and buffers copied to every rank now). On CUDA its batch
+        norm layers become SyncBatchNorm first (statistics of the global batch; the parameters
+        and buffers are the same tensors, so ``model`` keeps training and saving them)."""
+        if self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index])
+        return nn.parallel.DistributedDataParallel(model)
+
+    def run_key(self, config: RunConfig, key: str) -> str:
+        """The key of ``config`` trained by these ranks (see :func:`run_key`)."""
+        return run_key(config, key, self.world, self.device)
 
     # --- the mask ------------------------------------------------------------------------------
 
@@ -199,6 +213,34 @@ class ShardStream:
         return self.iter_from(0)
 
 
+def differs_from_one_process(config: RunConfig, device: torch.device | str) -> list[str]:
+    """What in ``config``'s model makes N processes train differently from one (beyond float
+    rounding): dropout, and batch normalisation off CUDA. Read from the model built on the meta
+    device (no memory, no initialisation); a model that cannot be built there counts as differing."""
+    from .models import create_model
+
+    try:
+        with torch.device("meta"):
+            model = create_model(config.model, **config.model_args)
+    except Exception:  # (its real build, later, says what is wrong with it)
+        return ["a model whose layers could not be inspected"]
+    found = []
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        found.append("dropout (each process draws its own masks for its slice)")
+    if torch.device(device).type != "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                    for m in model.modules()):
+        found.append("batch normalisation on CPU (each process normalises its slice; SyncBatchNorm needs CUDA)")
+    return found
+
+
+def run_key(config: RunConfig, key: str, nproc: int, device: torch.device | str) -> str:
+    """``key`` (the one-process key of ``config``) where N processes train as one does; else a
+    key of its own that includes ``nproc`` (:func:`differs_from_one_process`)."""
+    if nproc == 1 or not differs_from_one_process(config, device):
+        return key
+    return hashlib.sha256(f"{key}|nproc={nproc}".encode()).hexdigest()[:16]
+
+
 def check_divisible(batch_size: int, nproc: int, what: str) -> int:
     """``batch_size / nproc``, refused unless whole: every rank takes an equal slice, so that the
     averaged gradient is the whole batch's."""
@@ -257,7 +299,8 @@ def run_rank(config: RunConfig, *, store: str | Path | None = "default", data_di
     started (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` and the rendezvous
     address in the environment). Returns rank 0's :class:`~sparsetrain.run.RunOutcome` on rank 0
     and None on the others."""
-    from .run import RunStore, default_store_root, run, run_key
+    from .run import RunStore, default_store_root, run
+    from .run import run_key as one_process_key
     from .store import TERMINAL_STATUSES
     from .threads import request_threads
     from .train.loop import resolve_device
@@ -281,7 +324,8 @@ def run_rank(config: RunConfig, *, store: str | Path | None = "default", data_di
                 default_store_root() if store == "default" else store)
 
         def recorded() -> bool:  # rank 0 returns the recorded outcome; the others have nothing to do
-            record = opened.get(run_key(config, mask)) if opened is not None and not force else None
+            key = ranks.run_key(config, one_process_key(config, mask))
+            record = opened.get(key) if opened is not None and not force else None
             return record is not None and record.status in TERMINAL_STATUSES
 
         if ranks.from_writer(recorded) and not ranks.writer:
@@ -337,10 +381,26 @@ def run_ddp(config: RunConfig, nproc: int, *, store: str | Path | None = "defaul
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
     try:
-        results = elastic_launch(launch, _launched_rank)(config, kwargs)
+        with _launcher_quiet():  # its log repeats a failed rank's traceback; the error below says it once
+            results = elastic_launch(launch, _launched_rank)(config, kwargs)
     except ChildFailedError as err:
         raise _failure(err, nproc) from None
     return results[0]
+
+
+@contextlib.contextmanager
+def _launcher_quiet() -> Iterator[None]:
+    """The launcher's own loggers (torch elastic, torch.multiprocessing) above warnings muted
+    within the block."""
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _launched_rank(config: RunConfig, kwargs: dict[str, Any]):
@@ -349,7 +409,8 @@ def _launched_rank(config: RunConfig, kwargs: dict[str, Any]):
 
 
 def _failure(err, nproc: int) -> Exception:
-    """The first failed rank's error, as the caller would have seen it in one process."""
+    """The first failed rank's error: a :class:`SparsetrainError` (bad input) as its message, as
+    one process would have said it; anything else as a RuntimeError carrying the rank's traceback."""
     rank, failure = min(err.failures.items(), key=lambda item: item[1].timestamp or 0)
     message = failure.message
     if isinstance(message, dict):
@@ -358,6 +419,9 @@ def _failure(err, nproc: int) -> Exception:
     prefix = "SparsetrainError: "
     if text.startswith(prefix):
         return SparsetrainError(f"rank {rank} of {nproc}: {text[len(prefix):]}")
-    return SparsetrainError(f"rank {rank} of {nproc} failed (exit code {failure.exitcode}): {text}; "
-                            "the other processes were stopped")
+    data = failure.error_file_data if isinstance(getattr(failure, "error_file_data", None), dict) else {}
+    stack = (data.get("message") or {}).get("extraInfo", {}).get("py_callstack", "") \
+        if isinstance(data.get("message"), dict) else ""
+    return RuntimeError(f"rank {rank} of {nproc} failed (exit code {failure.exitcode}): {text}; the other "
+                        "processes were stopped" + (f"\n\nrank {rank}'s traceback:\n{stack}" if stack else ""))
 

@@ -90,7 +90,8 @@ def run(
     ``parallel``: this process is one rank of a data-parallel run
     (:class:`sparsetrain.distributed.Ranks`, given by :func:`sparsetrain.distributed.run_rank`;
     use :func:`sparsetrain.distributed.run_ddp` to start one): rank 0 passes the store, the
-    others ``store=None``. The key is the same as in one process."""
+    others ``store=None``. The key is the same as in one process, unless the model trains
+    differently in several (dropout; batch norm on CPU): :func:`sparsetrain.distributed.run_key`."""
     validate(config)
     resolve_device(device)  # a wrong --device is refused before anything is recorded
     if isinstance(store, (str, Path)):
@@ -103,7 +104,7 @@ def run(
         return run_after_training(config, store=store, data_dir=data_dir, device=device, force=force,
                                   progress=progress, download=download, group=group, parent=parent,
                                   callbacks=callbacks, wait=wait)
-    key = run_key(config, mask)
+    key = run_key(config, mask) if parallel is None else parallel.run_key(config, run_key(config, mask))
     config, recorded = _what_is_trained(config, mask)
     return run_recorded(config, key, recorded, store=store, data_dir=data_dir, device=device, force=force,
                         progress=progress, download=download, mask=mask, group=group, parent=parent,
