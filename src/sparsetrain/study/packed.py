@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,18 +253,19 @@ class Pack:
         k = next(iter(params.values())).shape[0]
         self.module.eval()
         wrong = torch.zeros(k, dtype=torch.long, device=self.device)
-        loss_sum, n = [0.0] * k, 0
+        loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)  # as the single path's Python floats
+        n = 0
         for x, y in loader:
             chunk = max(1, len(x) // k)
             for start in range(0, len(x), chunk):
                 xs, ys = x[start:start + chunk], y[start:start + chunk]
                 logits = self.eval_fn(params, xs)  # (k, b, C)
-                losses = F.cross_entropy(logits.flatten(0, 1), ys.repeat(k), reduction="none").view(k, -1).sum(1)
-                loss_sum = [a + float(b) for a, b in zip(loss_sum, losses)]
+                losses = F.cross_entropy(logits.flatten(0, 1), ys.repeat(k), reduction="none").view(k, -1)
+                loss_sum += losses.sum(1).double()
                 wrong += (logits.argmax(-1) != ys).sum(1)
                 n += len(xs)
         self.module.train()
-        return [int(w) / n for w in wrong], [s / n for s in loss_sum]
+        return [w / n for w in wrong.tolist()], [s / n for s in loss_sum.tolist()]
 
     def trial_params(self, i: int) -> dict[str, torch.Tensor]:
         return {n: p[i].clone() for n, p in self.params.items()}
@@ -285,14 +285,10 @@ class Pack:
 
 @dataclass
 class _Track:
-    """One trial's bookkeeping: the single loop's running loss, best validation state, curves."""
+    """One trial's bookkeeping: its callbacks, best validation state, curves."""
 
     member: Member
     callbacks: list[Callback]
-    loss: Any = 0.0
-    wrong: Any = 0
-    n: int = 0
-    batches: int = 0
     best_step: int | None = None
     best_val_error: float | None = None
     best_params: dict[str, torch.Tensor] | None = None
@@ -325,13 +321,24 @@ def train(pack: Pack) -> list[TrainResult]:
     started = time.perf_counter()
     torch.manual_seed(members[0].config.seed)  # as the loop does (nothing here draws from it)
     batch = t.batch_size * len(members)
+    run_loss: Any = 0.0
+    run_wrong: Any = 0
+    batches = 0
     with training_threads(pack.module, pack.loaders.input_shape, batch, pack.device):
         for step in range(1, pack.total + 1):
             if not len(pack):
                 break
             losses, logits, targets = pack.step(step)
-            wrong = (logits.argmax(-1) != targets).sum(1)  # (k,)
+            # the single loop's running sums, one per trial (all trials pop them at the same steps)
+            run_loss = losses + run_loss
+            run_wrong = (logits.argmax(-1) != targets).sum(1) + run_wrong  # (k,)
+            batches += 1
             last = step == pack.total
+            popped = None
+            if step % LOSS_EVERY == 0 or last:
+                popped = ([x / batches for x in run_loss.tolist()],  # as float(loss) / batches, one sync
+                          [w / (batches * t.batch_size) for w in run_wrong.tolist()])
+                run_loss, run_wrong, batches = 0.0, 0, 0
             lrs = pack.lr_at(step + 1)  # after schedule.step(): what get_last_lr() shows
             ending: list[tuple[int, str, str | None]] = []  # (position, status, reason)
             check = pack.loaders.val is not None and (last or step % t.val_every == 0)
@@ -339,12 +346,9 @@ def train(pack: Pack) -> list[TrainResult]:
             test = pack.evaluate(pack.loaders.test) if t.test_every and step % t.test_every == 0 and not last \
                 else None
             for i, tr in enumerate(tracks):
-                tr.loss, tr.wrong = losses[i] + tr.loss, wrong[i] + tr.wrong
-                tr.n, tr.batches = tr.n + t.batch_size, tr.batches + 1
                 stops = [c.on_step(step, losses[i]) for c in tr.callbacks]
-                if step % LOSS_EVERY == 0 or last:
-                    train_loss, train_error = float(tr.loss) / tr.batches, float(tr.wrong) / tr.n
-                    tr.loss, tr.wrong, tr.n, tr.batches = 0.0, 0, 0, 0
+                if popped is not None:
+                    train_loss, train_error = popped[0][i], popped[1][i]
                     if not math.isfinite(train_loss):
                         tr.record(step, {"train_loss": train_loss})
                         ending.append((i, INFEASIBLE, f"the training loss is {train_loss} at iteration {step}"))
@@ -372,6 +376,9 @@ def train(pack: Pack) -> list[TrainResult]:
                     tracks[i].member.on_end(result)
             if ending:
                 gone = [i for i, _, _ in ending]
+                keep = [i for i in range(len(tracks)) if i not in gone]
+                if batches:  # (running sums are reset at every pop: only a stop between pops leaves some)
+                    run_loss, run_wrong = run_loss[keep], run_wrong[keep]
                 pack.drop(gone)
                 tracks = [tr for i, tr in enumerate(tracks) if i not in gone]
                 ids = [x for i, x in enumerate(ids) if i not in gone]
@@ -406,9 +413,10 @@ def _end(pack: Pack, tr: _Track, i: int, step: int, status: str, reason: str | N
 # ----------------------------------------------------------------------------- does it pay
 
 
-def _single_stepper(member: Member, pack: Pack, index: int):
+def single_stepper(member: Member, pack: Pack, index: int):
     """One trial's step as the single loop takes it (module forward/backward, the mask's
-    gradient hook, ``torch.optim.SGD``), on a copy of the pack's trial ``index``."""
+    gradient hook, ``torch.optim.SGD``), on a copy of the pack's trial ``index``: a function of
+    the step number (1-based), its ``model`` attribute the module it trains."""
     from sparsetrain.batches import forward_loss
     from sparsetrain.masks import GradientMask
     from sparsetrain.train.optim import build_optimizer
@@ -430,41 +438,41 @@ def _single_stepper(member: Member, pack: Pack, index: int):
         optimizer.step()
         float(loss.detach())  # the device finishes the step before the clock is read
 
+    step.model = model  # (what a benchmark evaluates to time the single path's validation check)
     return step
 
 
 def measure(members: list[Member], *, steps: int = 3, rounds: int = 5, data_dir=None, device=None,
             download: bool = True) -> dict[str, Any]:
     """Time ``steps`` steps of a pack of ``members`` against the same steps taken one trial at a
-    time (each trial's single-run step), interleaved over ``rounds`` rounds after one warm-up
-    round; medians. Returns ``{"pack": K, "pack_s": s, "single_s": s, "ratio": r}``: ``ratio``
-    = (K trials' single steps' time) / (the pack's steps' time), the trials per hour the pack
-    gains (> 1: packing pays). Nothing is recorded and the trials are not advanced."""
+    time (each trial's single-run step), with the one interleaved timer
+    (:func:`sparsetrain.measure.time_interleaved`: ``rounds`` rounds after a warm-up round, the
+    order alternating). Returns ``{"pack": K, "pack_s": s, "single_s": s, "ratio": r, ...}``:
+    ``pack_s`` / ``single_s`` the median seconds of the pack's steps / the K trials' steps one
+    after the other, ``ratio`` the paired median of single over pack, i.e. the trials per hour
+    the pack gains (> 1: packing pays). Nothing is recorded and no trial is advanced."""
+    from sparsetrain.measure import cuda_sync, time_interleaved
+
     pack = Pack(members, data_dir=data_dir, device=device, download=download)
-    singles = [_single_stepper(m, pack, i) for i, m in enumerate(members)]
-    sync = (lambda: torch.cuda.synchronize(pack.device)) if pack.device.type == "cuda" else (lambda: None)
-    batch = members[0].config.train.batch_size
-    pack_times, single_times = [], []
-    with training_threads(pack.module, pack.loaders.input_shape, batch * len(members), pack.device):
-        for r in range(rounds + 1):
-            sync()
-            t0 = time.perf_counter()
+    singles = [single_stepper(m, pack, i) for i, m in enumerate(members)]
+
+    def packed_steps() -> None:
+        for s in range(1, steps + 1):
+            losses, _, _ = pack.step(s)
+        float(losses.sum())  # the device finishes before the clock is read
+
+    def single_steps() -> None:
+        for single in singles:
             for s in range(1, steps + 1):
-                losses, _, _ = pack.step(s)
-            float(losses.sum())
-            sync()
-            t1 = time.perf_counter()
-            for single in singles:
-                for s in range(1, steps + 1):
-                    single(s)
-            sync()
-            t2 = time.perf_counter()
-            if r:  # round 0 warms up (allocations, kernels chosen)
-                pack_times.append(t1 - t0)
-                single_times.append(t2 - t1)
-    pack_s, single_s = statistics.median(pack_times), statistics.median(single_times)
-    return {"pack": len(members), "steps": steps, "rounds": rounds, "pack_s": pack_s, "single_s": single_s,
-            "ratio": single_s / pack_s if pack_s > 0 else math.inf}
+                single(s)
+
+    batch = members[0].config.train.batch_size
+    with training_threads(pack.module, pack.loaders.input_shape, batch * len(members), pack.device):
+        t = time_interleaved({"pack": packed_steps, "single": single_steps}, rounds=rounds, warmup=1,
+                             number=1, sync=cuda_sync(pack.device))
+    medians = t.medians()
+    return {"pack": len(members), "steps": steps, "rounds": rounds, "pack_s": medians["pack"],
+            "single_s": medians["single"], "ratio": t.ratio("single", "pack")}
 
 
 def choose(measured: dict[str, Any]) -> int:
