@@ -107,9 +107,13 @@ def test_a_failed_rank_stops_the_run_which_resumes_from_rank_0s_checkpoint(one_p
     ddp_store = RunStore(store)
     assert ddp_store.get(one.key).status in ("interrupted", "failed")  # rank 0 was stopped: resumable
     assert load_state(ddp_store.artifact_dir(one.key) / "checkpoint.safetensors")["step"] == 20
-    # resumed in two processes from rank 0's checkpoint (iteration 20) and mask: the same run
-    outcome = distributed.run_ddp(CONFIG, 2, store=store, data_dir=root, device="cpu", progress=None)
-    assert outcome.status == "finished" and not outcome.reused
+    # resumed by the command line in two processes from rank 0's checkpoint (iteration 20) and mask:
+    # the same run (the same key as CONFIG's, given as flags)
+    code = main(["run", "--model", "lenet-300-100", "--dataset", "mnist", "--method", "snip", "--sparsity", "0.95",
+                 "--iterations", "30", "--batch-size", "100", "--val-every", "10", "--checkpoint-every", "10",
+                 "--data-dir", str(root), "--store", str(store), "--device", "cpu", "--no-progress", "--nproc", "2"])
+    assert code == 0
+    assert ddp_store.get(one.key).status == "finished"
     _assert_same_training(ddp_store, one_store, one.key)
 
 
@@ -178,3 +182,40 @@ def test_the_key_is_one_process_s_unless_the_model_trains_differently_in_several
     keys = {distributed.run_key(tiny, one_process_key(tiny), n, "cpu") for n in (1, 2, 4)}
     assert len(keys) == 3 and one_process_key(tiny) in keys
     assert distributed.run_key(tiny, one_process_key(tiny), 2, "cuda") == one_process_key(tiny)  # SyncBatchNorm
+
+
+class _OneRankAlone(distributed.Ranks):
+    """Rank 0 of 2 with no process group: the other rank's callback stops it at ``stop_at``."""
+
+    def __init__(self, stop_at: int):
+        super().__init__(0, 1, torch.device("cpu"))
+        self.stop_at, self.steps = stop_at, 0
+
+    def from_writer(self, value):
+        return value()
+
+    def wrap(self, model):
+        return model
+
+    def all_sum(self, values):
+        if values.dim() == 0:  # the stop flag, once a step
+            self.steps += 1
+            return values + (self.steps == self.stop_at)
+        return values.clone()
+
+
+def test_a_callback_that_stops_another_rank_stops_this_one():
+    from sparsetrain import TrainConfig, create_loaders, create_model, train
+
+    loaders = create_loaders("synthetic", batch_size=50)
+    result = train(create_model("mlp-tiny"), loaders, TrainConfig(iterations=20, val_every=10), progress=None,
+                   callbacks=[Callback()], parallel=_OneRankAlone(stop_at=7))
+    assert (result.status, result.steps) == ("stopped", 7)
+    assert result.stop_reason == "a callback on another rank stopped the run"
+
+
+def test_wait_does_not_apply_to_a_data_parallel_run(capsys):
+    code = main(["run", "--dataset", "synthetic", "--model", "mlp-tiny", "--iterations", "5", "--nproc", "2",
+                 "--wait", "--no-progress"])
+    assert code == 2
+    assert "--wait does not apply to a data-parallel run (--nproc); leave it out" in capsys.readouterr().err

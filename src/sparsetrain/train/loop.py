@@ -199,7 +199,8 @@ def train(
     ``parallel``: one rank of a data-parallel run (:class:`sparsetrain.distributed.Ranks`): this
     process trains on its slice of each global batch in DistributedDataParallel, logs the losses
     and errors summed over the ranks, resumes from the checkpoint rank 0 reads, and writes
-    checkpoints on rank 0 only; every rank evaluates the whole validation and test sets."""
+    checkpoints on rank 0 only; every rank evaluates the whole validation and test sets. A
+    callback's ``on_step`` sees this rank's slice loss; a stop on any rank stops every rank."""
     from ..state_io import load_state, save_state
 
     if cfg.on_diverge not in DIVERGE_CHOICES:
@@ -284,6 +285,9 @@ def train(
             record(step, {"test_error": test_error} if test_error is not None else {"test_loss": test_loss})
             state.min_test_error = min(state.min_test_error, test_loss if test_error is None else test_error)
         reason = next((r for r in stops if r), None)
+        if parallel is not None and callbacks:  # a callback that stops one rank stops them all (no rank waits alone)
+            if parallel.all_sum(torch.tensor(float(bool(reason)), device=loss.device)).item() and not reason:
+                reason = "a callback on another rank stopped the run"
         if reason:
             status, end = STOPPED, step
             break
