@@ -219,3 +219,10 @@ def test_wait_does_not_apply_to_a_data_parallel_run(capsys):
                  "--wait", "--no-progress"])
     assert code == 2
     assert "--wait does not apply to a data-parallel run (--nproc); leave it out" in capsys.readouterr().err
+
+
+def test_evaluation_parts_cover_a_batch_of_any_size_once():
+    for n, world in ((5, 3), (1, 2), (1000, 2), (7, 4)):
+        y = torch.arange(n)
+        parts = [distributed.Ranks(r, world, torch.device("cpu")).part((y.float(), y))[1] for r in range(world)]
+        assert torch.cat(parts).tolist() == list(range(n)), (n, world)

@@ -117,6 +117,21 @@ class Ranks:
             return type(batch)(self.shard(b) if isinstance(b, dict) else cut(b) for b in batch)
         return cut(batch)
 
+    def part(self, batch: Any) -> Any:
+        """This rank's part of an evaluation batch of any size n: examples
+        ``[r * n // N, (r + 1) * n // N)`` (possibly none), so the parts cover the batch once."""
+        def cut(t):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                return t
+            n = t.shape[0]
+            return t[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+
+        if isinstance(batch, dict):
+            return {k: cut(v) for k, v in batch.items()}
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self.part(b) if isinstance(b, dict) else cut(b) for b in batch)
+        return cut(batch)
+
     def shard_stream(self, stream) -> "ShardStream":
         """The training stream this rank draws from: its slice of every global batch."""
         return ShardStream(stream, self)

@@ -137,15 +137,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float | None, float]:
+def evaluate(model: nn.Module, loader, loss_fn=None, parallel=None) -> tuple[float | None, float]:
     """(error, mean loss) of ``model`` over ``loader``, in inference mode. The error is ``None``
-    for a model whose outputs have no logits (judged by its loss alone)."""
+    for a model whose outputs have no logits (judged by its loss alone). ``parallel`` (one rank
+    of a data-parallel run, the same weights on every rank): each rank evaluates its part of
+    every batch and the counts and loss sums are added over the ranks."""
     was_training = model.training
     model.eval()
     wrong, loss_sum, n = 0, 0.0, 0
     judged = True
     for i, batch in enumerate(loader):
+        if parallel is not None:
+            batch = parallel.part(batch)
         size = batch_size_of(batch)
+        if size == 0:  # (a last batch smaller than the number of ranks)
+            continue
         if loss_fn is None and not isinstance(batch, dict):  # summed exactly as the mean would weigh it
             x, y = batch
             out = model(x)
@@ -168,6 +174,9 @@ def evaluate(model: nn.Module, loader, loss_fn=None) -> tuple[float | None, floa
             wrong += int((logits.argmax(-1) != y).sum())
         n += size
     model.train(was_training)
+    if parallel is not None:
+        wrong, loss_sum, n = parallel.all_sum(torch.tensor([float(wrong), loss_sum, float(n)],
+                                                           dtype=torch.float64)).tolist()
     return (wrong / n if judged else None), loss_sum / n
 
 
@@ -199,7 +208,7 @@ def train(
     ``parallel``: one rank of a data-parallel run (:class:`sparsetrain.distributed.Ranks`): this
     process trains on its slice of each global batch in DistributedDataParallel, logs the losses
     and errors summed over the ranks, resumes from the checkpoint rank 0 reads, and writes
-    checkpoints on rank 0 only; every rank evaluates the whole validation and test sets. A
+    checkpoints on rank 0 only; each rank evaluates its part of the validation and test sets. A
     callback's ``on_step`` sees this rank's slice loss; a stop on any rank stops every rank."""
     from ..state_io import load_state, save_state
 
@@ -273,7 +282,7 @@ def train(
             bar.set_postfix(**shown, **(postfix or {}))
             bar.update(step - bar.n)
         if loaders.val is not None and (last or (cfg.val_every and step % cfg.val_every == 0)):
-            val_error, val_loss = evaluate(model, loaders.val, loss_fn)
+            val_error, val_loss = evaluate(model, loaders.val, loss_fn, parallel)
             metrics = {"val_error": val_error, "val_loss": val_loss}
             record(step, {k: v for k, v in metrics.items() if v is not None})
             state.consider_best(step, val_loss if val_error is None else val_error, model)
@@ -281,7 +290,7 @@ def train(
             _show_eval(bar, progress, shown, postfix, step, total, val_error, val_loss,
                        time.perf_counter() - started)
         if cfg.test_every and step % cfg.test_every == 0 and not last:
-            test_error, test_loss = evaluate(model, loaders.test, loss_fn)
+            test_error, test_loss = evaluate(model, loaders.test, loss_fn, parallel)
             record(step, {"test_error": test_error} if test_error is not None else {"test_loss": test_loss})
             state.min_test_error = min(state.min_test_error, test_loss if test_error is None else test_error)
         reason = next((r for r in stops if r), None)
@@ -301,13 +310,13 @@ def train(
         return TrainResult(steps=end, final_test_error=None, final_val_error=None, best_val_step=state.best_step,
                            best_val_error=state.best_val_error, best_val_test_error=None, min_test_error=None,
                            seconds=state.seconds, curves=curves, status=status, stop_reason=reason)
-    final_test, final_loss = evaluate(model, loaders.test, loss_fn)
+    final_test, final_loss = evaluate(model, loaders.test, loss_fn, parallel)
     record(end, {k: v for k, v in {"test_error": final_test, "test_loss": final_loss}.items() if v is not None})
     best_test = None
     if state.best_model is not None:
         final_weights = copy.deepcopy(model.state_dict())
         model.load_state_dict(state.best_model)
-        best_test, _ = evaluate(model, loaders.test, loss_fn)
+        best_test, _ = evaluate(model, loaders.test, loss_fn, parallel)
         model.load_state_dict(final_weights)
     state.seconds = time.perf_counter() - started
     checkpoint(end)
