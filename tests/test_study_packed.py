@@ -185,9 +185,16 @@ def test_pack_flag_refuses_what_is_not_auto_or_a_count(text):
 def test_measure_times_a_pack_against_single_steps_and_choose_follows_the_ratio(tmp_path):
     w = workload(tmp_path)
     configs, masks = trials_of(w, tmp_path, 0.5, 3)
-    measured = packed.measure([packed.Member(c, m) for c, m in zip(configs, masks)], steps=2, rounds=1)
-    assert measured["pack"] == 3 and measured["pack_s"] > 0 and measured["single_s"] > 0
-    assert measured["ratio"] == pytest.approx(measured["single_s"] / measured["pack_s"])  # one round: its ratio
+    measured = packed.measure([packed.Member(c, m) for c, m in zip(configs, masks)], steps=2, rounds=1,
+                              check_rounds=1, val_examples=40)
+    assert measured["pack"] == 3 and measured["val_examples"] == 40
+    step, check = measured["step_s"], measured["check_s"]
+    assert min(*step.values(), *check.values()) > 0
+    assert measured["step_ratio"] == pytest.approx(step["single"] / step["pack"])  # one round: its own ratio
+    assert measured["check_ratio"] == pytest.approx(check["single"] / check["pack"])
+    # a trial's time per check interval (10 steps here) and one check of the 60 validation examples
+    assert measured["ratio"] == pytest.approx((10 * step["single"] + check["single"]) / (10 * step["pack"] + check["pack"]))
+    assert check["pack"] > 0 and measured["threads"] >= 1
     assert packed.choose({**measured, "ratio": packed.PAYS}) == 3
     assert packed.choose({**measured, "ratio": packed.PAYS * 0.99}) == 1
 

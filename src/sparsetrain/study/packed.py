@@ -442,16 +442,20 @@ def single_stepper(member: Member, pack: Pack, index: int):
     return step
 
 
-def measure(members: list[Member], *, steps: int = 3, rounds: int = 5, data_dir=None, device=None,
-            download: bool = True) -> dict[str, Any]:
-    """Time ``steps`` steps of a pack of ``members`` against the same steps taken one trial at a
-    time (each trial's single-run step), with the one interleaved timer
-    (:func:`sparsetrain.measure.time_interleaved`: ``rounds`` rounds after a warm-up round, the
-    order alternating). Returns ``{"pack": K, "pack_s": s, "single_s": s, "ratio": r, ...}``:
-    ``pack_s`` / ``single_s`` the median seconds of the pack's steps / the K trials' steps one
-    after the other, ``ratio`` the paired median of single over pack, i.e. the trials per hour
-    the pack gains (> 1: packing pays). Nothing is recorded and no trial is advanced."""
+def measure(members: list[Member], *, steps: int = 3, rounds: int = 5, check_rounds: int = 2,
+            val_examples: int = 500, data_dir=None, device=None, download: bool = True) -> dict[str, Any]:
+    """Time a pack of ``members`` against the same trials one at a time, with the one interleaved
+    timer (:func:`sparsetrain.measure.time_interleaved`: rounds after a warm-up, the order
+    alternating, medians): ``steps`` training steps (``rounds`` rounds; each trial's single-run
+    step: module forward/backward, the mask's gradient hook, ``torch.optim.SGD``), and a validation
+    check (``check_rounds`` rounds, on the first ``val_examples`` validation examples, scaled to
+    the whole split: evaluation is linear in the examples). Returns ``step_s`` and ``check_s``
+    (median seconds of one step / one check, ``"pack"``: the pack's, ``"single"``: the K trials'
+    one after the other), their paired ratios ``step_ratio`` and ``check_ratio`` (single over
+    pack), and ``ratio``: the trials per hour the pack gains on this workload, ``val_every``
+    steps and one check (> 1: packing pays). Nothing is recorded and no trial is advanced."""
     from sparsetrain.measure import cuda_sync, time_interleaved
+    from sparsetrain.train.loop import evaluate
 
     pack = Pack(members, data_dir=data_dir, device=device, download=download)
     singles = [single_stepper(m, pack, i) for i, m in enumerate(members)]
@@ -466,13 +470,30 @@ def measure(members: list[Member], *, steps: int = 3, rounds: int = 5, data_dir=
             for s in range(1, steps + 1):
                 single(s)
 
-    batch = members[0].config.train.batch_size
-    with training_threads(pack.module, pack.loaders.input_shape, batch * len(members), pack.device):
-        t = time_interleaved({"pack": packed_steps, "single": single_steps}, rounds=rounds, warmup=1,
-                             number=1, sync=cuda_sync(pack.device))
-    medians = t.medians()
-    return {"pack": len(members), "steps": steps, "rounds": rounds, "pack_s": medians["pack"],
-            "single_s": medians["single"], "ratio": t.ratio("single", "pack")}
+    val, n = [], 0
+    for x, y in pack.loaders.val or ():  # the first val_examples examples, in the loader's batches
+        val.append((x[:val_examples - n], y[:val_examples - n]))
+        n += len(val[-1][0])
+        if n >= val_examples:
+            break
+    batch, sync = members[0].config.train.batch_size, cuda_sync(pack.device)
+    with training_threads(pack.module, pack.loaders.input_shape, batch * len(members), pack.device) as threads:
+        t_steps = time_interleaved({"pack": packed_steps, "single": single_steps}, rounds=rounds, warmup=1,
+                                   number=1, sync=sync)
+        t_checks = time_interleaved({"pack": lambda: pack.evaluate(val),
+                                     "single": lambda: [evaluate(s.model, val) for s in singles]},
+                                    rounds=check_rounds, warmup=1, number=1, sync=sync) if val else None
+    step_s = {name: t / steps for name, t in t_steps.medians().items()}
+    scale = pack.loaders.val.num_examples / n if val else 0.0
+    check_s = {name: t_checks.medians()[name] * scale if val else 0.0 for name in step_s}
+    interval = members[0].config.train.val_every
+    per_check = {name: interval * step_s[name] + check_s[name] for name in step_s}
+    return {"pack": len(members), "threads": threads, "steps": steps, "rounds": rounds, "check_rounds": check_rounds,
+            "val_examples": n, "step_s": step_s, "check_s": check_s,
+            "step_spread": {name: t_steps.spread(name) for name in step_s},
+            "step_ratio": t_steps.ratio("single", "pack"),
+            "check_ratio": t_checks.ratio("single", "pack") if val else None,
+            "ratio": per_check["single"] / per_check["pack"]}
 
 
 def choose(measured: dict[str, Any]) -> int:
