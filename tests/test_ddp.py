@@ -81,6 +81,12 @@ def test_two_processes_equal_one_at_the_same_global_batch(one_process, tmp_path,
     # only rank 0 wrote, and only into its store: one run, nothing beside the store
     assert [r.key for r in ddp_store.list()] == [one.key]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    # recorded: found, not trained again, by one process or by two (which then start no process)
+    assert run(CONFIG, store=ddp_store, data_dir=root, device="cpu", progress=None).reused
+    started = time.monotonic()
+    again = distributed.run_ddp(CONFIG, 2, store=store, data_dir=root, device="cpu", progress=None)
+    assert again.reused and again.results == outcome.results
+    assert time.monotonic() - started < 2.0  # (a launch takes 10 s or more here)
 
 
 class FailOnRank(Callback):

@@ -258,7 +258,15 @@ def run_key(config: RunConfig, key: str, nproc: int, device: torch.device | str)
 
 def check_divisible(batch_size: int, nproc: int, what: str) -> int:
     """``batch_size / nproc``, refused unless whole: every rank takes an equal slice, so that the
-    averaged gradient is the whole batch's."""
+    averaged gradient is the whole batch's.
+
+        >>> check_divisible(128, 4, "train.batch_size")
+        32
+        >>> check_divisible(100, 3, "train.batch_size")
+        Traceback (most recent call last):
+        ...
+        sparsetrain.errors.SparsetrainError: train.batch_size 100 cannot be split evenly over 3 processes: ...
+    """
     if batch_size % nproc:
         lower, upper = batch_size - batch_size % nproc, batch_size + nproc - batch_size % nproc
         raise SparsetrainError(
@@ -315,8 +323,6 @@ def run_rank(config: RunConfig, *, store: str | Path | None = "default", data_di
     address in the environment). Returns rank 0's :class:`~sparsetrain.run.RunOutcome` on rank 0
     and None on the others."""
     from .run import RunStore, default_store_root, run
-    from .run import run_key as one_process_key
-    from .store import TERMINAL_STATUSES
     from .threads import request_threads
     from .train.loop import resolve_device
 
@@ -339,9 +345,7 @@ def run_rank(config: RunConfig, *, store: str | Path | None = "default", data_di
                 default_store_root() if store == "default" else store)
 
         def recorded() -> bool:  # rank 0 returns the recorded outcome; the others have nothing to do
-            key = ranks.run_key(config, one_process_key(config, mask))
-            record = opened.get(key) if opened is not None and not force else None
-            return record is not None and record.status in TERMINAL_STATUSES
+            return opened is not None and not force and _recorded(opened, config, mask, world, where) is not None
 
         if ranks.from_writer(recorded) and not ranks.writer:
             return None
@@ -369,7 +373,7 @@ def run_ddp(config: RunConfig, nproc: int, *, store: str | Path | None = "defaul
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from .pipeline import validate
-    from .run import run
+    from .run import RunStore, default_store_root, run
     from .train.loop import resolve_device
 
     validate(config)
@@ -379,9 +383,13 @@ def run_ddp(config: RunConfig, nproc: int, *, store: str | Path | None = "defaul
         raise SparsetrainError(f"--nproc {nproc} on CUDA needs {nproc} devices, one per process; this machine "
                                f"has {torch.cuda.device_count()}: use --nproc {torch.cuda.device_count()} or fewer")
     if isinstance(store, (str, Path)):  # a path the processes can open (a RunStore stays here)
-        store = str(store)
+        store = str(default_store_root() if store == "default" else store)
     elif store is not None:
         store = str(store.root)
+    if store is not None and not force and Path(store).exists():  # recorded: no processes to start
+        done = _recorded(RunStore(store), config, mask, nproc, where)
+        if done is not None:
+            return done
     kwargs = dict(store=store, data_dir=None if data_dir is None else str(data_dir), device=device,
                   force=force, progress=progress, download=download, mask=mask, threads=threads,
                   callbacks=list(callbacks), timeout_s=timeout_s)
@@ -416,6 +424,14 @@ def _launcher_quiet() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def _recorded(store, config: RunConfig, mask: Mask | None, nproc: int, device):
+    """The outcome ``store`` holds for this run in ``nproc`` processes if it is finished, else None."""
+    from .run import recorded_outcome
+    from .run import run_key as one_process_key
+
+    return recorded_outcome(store, run_key(config, one_process_key(config, mask), nproc, device), config, mask)
 
 
 def _launched_rank(config: RunConfig, kwargs: dict[str, Any]):

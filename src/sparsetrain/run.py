@@ -175,6 +175,15 @@ def _reused(key: str, config: RunConfig, record) -> RunOutcome:
     return RunOutcome(key, config, record.results, record.layer_sparsity or {}, reused=True, status=record.status)
 
 
+def recorded_outcome(store: RunStore, key: str, config: RunConfig, mask: Mask | None = None) -> RunOutcome | None:
+    """What :func:`run` returns without training when ``store`` holds ``key`` finished (a
+    terminal status); None otherwise. (A data-parallel run asks this before starting processes.)"""
+    record = store.get(key)
+    if record is None or record.status not in TERMINAL_STATUSES:
+        return None
+    return _reused(key, _what_is_trained(config, mask)[0], record)
+
+
 def _record_end(store: RunStore, lease: HeldLease, key: str, error: str, status: str) -> None:
     """Record how the run ended, unless another process took it over (then it is theirs to record).
     If the store cannot be written (a full disk) the original error is the one worth raising; the
