@@ -232,3 +232,10 @@ def test_evaluation_parts_cover_a_batch_of_any_size_once():
         y = torch.arange(n)
         parts = [distributed.Ranks(r, world, torch.device("cpu")).part((y.float(), y))[1] for r in range(world)]
         assert torch.cat(parts).tolist() == list(range(n)), (n, world)
+
+
+def test_dropout_gives_the_run_a_key_of_its_own_on_any_device():
+    config = CONFIG.replace(model="wrn-16-8", dataset="cifar10", model_args={"dropout": 0.3})
+    assert distributed.differs_from_one_process(config, "cuda") == [
+        "dropout (each process draws its own masks for its slice)"]
+    assert distributed.differs_from_one_process(config.replace(model_args={}), "cuda") == []

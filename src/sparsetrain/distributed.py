@@ -103,33 +103,29 @@ class Ranks:
     # --- the global batch, split ----------------------------------------------------------------
 
     def shard(self, batch: Any) -> Any:
-        """This rank's slice of ``batch``: examples ``[r * B/N, (r + 1) * B/N)`` of every tensor of
-        an ``(inputs, targets)`` pair or a dict batch."""
-        def cut(t):
-            if not isinstance(t, torch.Tensor) or t.dim() == 0:
-                return t
-            size = check_divisible(t.shape[0], self.world, "batch")
-            return t[self.rank * size:(self.rank + 1) * size]
-
-        if isinstance(batch, dict):
-            return {k: cut(v) for k, v in batch.items()}
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(self.shard(b) if isinstance(b, dict) else cut(b) for b in batch)
-        return cut(batch)
+        """This rank's slice of a training (or pruning) batch of B examples: examples
+        ``[r * B/N, (r + 1) * B/N)`` of every tensor of an ``(inputs, targets)`` pair or a dict
+        batch; B not divisible by N is refused."""
+        return self._cut(batch, even=True)
 
     def part(self, batch: Any) -> Any:
         """This rank's part of an evaluation batch of any size n: examples
         ``[r * n // N, (r + 1) * n // N)`` (possibly none), so the parts cover the batch once."""
+        return self._cut(batch, even=False)
+
+    def _cut(self, batch: Any, even: bool) -> Any:
         def cut(t):
             if not isinstance(t, torch.Tensor) or t.dim() == 0:
                 return t
             n = t.shape[0]
+            if even:
+                check_divisible(n, self.world, "batch")
             return t[self.rank * n // self.world:(self.rank + 1) * n // self.world]
 
         if isinstance(batch, dict):
             return {k: cut(v) for k, v in batch.items()}
         if isinstance(batch, (tuple, list)):
-            return type(batch)(self.part(b) if isinstance(b, dict) else cut(b) for b in batch)
+            return type(batch)(self._cut(b, even) if isinstance(b, dict) else cut(b) for b in batch)
         return cut(batch)
 
     def shard_stream(self, stream) -> "ShardStream":
@@ -240,7 +236,8 @@ def differs_from_one_process(config: RunConfig, device: torch.device | str) -> l
     except Exception:  # (its real build, later, says what is wrong with it)
         return ["a model whose layers could not be inspected"]
     found = []
-    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+    if any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or (isinstance(m, nn.RNNBase) and m.dropout > 0)
+           for m in model.modules()):
         found.append("dropout (each process draws its own masks for its slice)")
     if torch.device(device).type != "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                     for m in model.modules()):
