@@ -276,3 +276,33 @@ def test_auto_packs_only_where_the_measured_ratio_pays_and_records_it(tmp_path, 
     # assert [r["packing"] for r in rows] == ["2 (measured 3.00x)", "1 (measured 0.50x)"]
     runs = RunStore(folder / "runs").list()
     assert sorted(r.results.get("packed", 1) for r in runs) == [1, 1, 2, 2]
+
+
+class Normed(nn.Module):
+    """A linear classifier after batch norm: running statistics, which a pack does not keep per trial."""
+
+    def __init__(self, *, input_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(math.prod(input_shape))
+        self.fc = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(x.flatten(1)))
+
+
+@pytest.fixture
+def normed_model():
+    MODELS.register("packed-test-normed")(Normed)
+    yield "packed-test-normed"
+    MODELS.unregister("packed-test-normed")
+
+
+def test_a_network_that_cannot_be_packed_runs_one_trial_at_a_time_with_the_reason(tmp_path, normed_model):
+    w = workload(tmp_path, model=normed_model, iterations=20)
+    folder = tmp_path / "study"
+    engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=2, early_stop=False))
+    assert work(folder, 2) == 2
+    [row] = engine.status_rows(folder)
+    assert row["finished"] == 2
+    # assert row["packing"] == "1 (Normed has buffers (e.g. batch norm's running statistics))"
+    assert all("packed" not in r.results for r in RunStore(folder / "runs").list())

@@ -61,12 +61,21 @@ from sparsetrain.train.optim import SCHEDULES, total_iterations
 PER_TRIAL = ("lr", "momentum", "decay_every", "end_lr_factor")
 #: The pack size ``--pack auto`` tries.
 AUTO_PACK = 16
-#: ``--pack auto`` measures packs of at most this many examples a step (K * B).
+#: ``--pack auto`` measures packs of at most this many examples a step (K * B): large batches fill
+#: a device alone, and K of them would hold K times the activations.
 AUTO_EXAMPLES = 4096
 #: ``--pack auto`` packs when a pack trains at least this many times the trials per second of one
 #: trial at a time (a margin over 1: the measurement is a few steps on a possibly loaded machine).
 PAYS = 1.2
 LOSS_EVERY = 50  # the single loop reads its running training loss every 50 steps
+
+
+class NotPackable(SparsetrainError):
+    """These trials cannot train as one pack; ``why`` says what stands in the way."""
+
+    def __init__(self, why: str):
+        super().__init__(f"these trials cannot be packed: {why}; run them one at a time (--pack 1)")
+        self.why = why
 
 
 def parse_pack(text: str | int) -> str | int:
@@ -156,7 +165,7 @@ class Pack:
                  download: bool = True):
         why = why_not_packable([m.config for m in members])
         if why is not None:
-            raise SparsetrainError(f"these trials cannot be packed: {why}; run them one at a time (--pack 1)")
+            raise NotPackable(why)
         self.members = list(members)
         first = members[0].config
         for m in members:
@@ -176,7 +185,7 @@ class Pack:
             model, _ = init_under_mask(m.config, built, m.mask)
             why = why_not_packable_model(model)
             if why is not None:
-                raise SparsetrainError(f"these trials cannot be packed: {why}; run them one at a time (--pack 1)")
+                raise NotPackable(why)
             models.append(model)
             self.streams.append(built.loaders.train)
         self.module = models[0]  # the structure functional_call runs; its own tensors are not used
@@ -515,7 +524,7 @@ def packing_summary(packing: dict[str, Any] | None) -> str | None:
 
     >>> packing_summary({"chosen": 16, "ratio": 3.21}), packing_summary({"chosen": 1, "ratio": 0.67})
     ('16 (measured 3.21x)', '1 (measured 0.67x)')
-    >>> packing_summary({"chosen": 8}), packing_summary({"chosen": 1, "reason": "optimizer 'adam'"})
+    >>> packing_summary({"chosen": 8, "asked": 8}), packing_summary({"chosen": 1, "reason": "optimizer 'adam'"})
     ('8 (asked)', "1 (optimizer 'adam')")
     """
     if not packing:
@@ -530,29 +539,31 @@ def _decide(opened, workload, batch_size: int, sparsity: float, study, pack, mas
             device=None) -> int:
     """The pack size for this point: ``pack`` when a number; for ``"auto"`` the choice already
     recorded in the point's user attribute ``packing`` (by any worker), else measured now
-    (:func:`measure` on the point's first plan points, :data:`AUTO_PACK` of them at most) and
-    recorded. Trials that cannot be packed run one at a time, the reason recorded."""
+    (:func:`measure` on the point's first plan points: :data:`AUTO_PACK` of them at most, and at
+    most :data:`AUTO_EXAMPLES` examples a step) and recorded. Trials that cannot be packed run one
+    at a time, the reason recorded."""
     from sparsetrain.study.plan import plan_points
 
     recorded = study.user_attrs.get("packing")
-    if pack == "auto" and recorded is not None:
+    if recorded is not None and recorded.get("asked") == pack:
         return int(recorded["chosen"])
     size = min(AUTO_PACK if pack == "auto" else int(pack), opened.spec.trials)
-    if pack == "auto":  # a pack of at most AUTO_EXAMPLES examples a step: large batches fill the device alone
+    if pack == "auto":  # large batches fill the device alone
         size = min(size, max(2, AUTO_EXAMPLES // batch_size))
     configs = [workload.trial_config(batch_size, sparsity, p, seed=i)
                for i, p in enumerate(plan_points(workload.search, size))]
-    decision: dict[str, Any] = {"chosen": size}
-    why = "one trial per point" if size < 2 else why_not_packable(configs)
-    if why is None and pack == "auto":
-        try:
-            measured = measure([Member(c, mask) for c in configs], data_dir=data_dir, device=device)
-        except SparsetrainError as err:  # e.g. a model with batch norm: not packable
-            why = str(err).split(": ", 1)[-1].split("; run them", 1)[0]
+    members = [Member(c, mask) for c in configs]  # (one mask for all: it changes no timing)
+    decision: dict[str, Any] = {"chosen": size, "asked": pack}
+    try:
+        if size < 2:
+            raise NotPackable("one trial per point")
+        if pack == "auto":
+            measured = measure(members, data_dir=data_dir, device=device)
+            decision = {"chosen": choose(measured), "asked": pack, **measured, "device": str(device or "auto")}
         else:
-            decision = {"chosen": choose(measured), **measured, "device": str(device or "auto")}
-    if why is not None:
-        decision = {"chosen": 1, "reason": why}
+            Pack(members[:2], data_dir=data_dir, device=device)  # refuses what cannot be packed
+    except NotPackable as err:
+        decision = {"chosen": 1, "asked": pack, "reason": err.why}
     if recorded != decision:
         study.set_user_attr("packing", decision)
     return int(decision["chosen"])
