@@ -239,3 +239,19 @@ def test_dropout_gives_the_run_a_key_of_its_own_on_any_device():
     assert distributed.differs_from_one_process(config, "cuda") == [
         "dropout (each process draws its own masks for its slice)"]
     assert distributed.differs_from_one_process(config.replace(model_args={}), "cuda") == []
+
+
+def test_under_torchrun_sparsetrain_run_joins_the_group_as_one_rank(monkeypatch, capsys, tmp_path):
+    """torchrun sets RANK, WORLD_SIZE and its run id in each process it starts: `sparsetrain run`
+    then runs that rank's part (run_rank) instead of starting processes of its own."""
+    calls = []
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "run_ddp", lambda *a, **k: pytest.fail("started processes under torchrun"))
+    monkeypatch.setattr(distributed, "run_rank", lambda config, **kwargs: calls.append((config, kwargs)))
+    code = main(["run", "--dataset", "synthetic", "--model", "mlp-tiny", "--iterations", "5", "--threads", "3",
+                 "--store", str(tmp_path / "store"), "--no-progress"])
+    assert code == 0 and capsys.readouterr().out == ""  # rank 1 prints nothing
+    [(config, kwargs)] = calls
+    assert config.model == "mlp-tiny" and kwargs["threads"] == 3 and kwargs["store"] == tmp_path / "store"
