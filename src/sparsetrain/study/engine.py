@@ -324,8 +324,14 @@ def _connect(url: str, shown: str, heartbeat_interval: int, grace_period: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}  # seconds a writer waits for the file's lock
-    else:  # a connection dropped by the network or a restarted server is replaced, not reused
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    else:
+        # pool_pre_ping: a connection dropped by the network or a restarted server is replaced, not
+        # reused. Keepalives on both ends: a host that dies while it holds the lock of exclusive()
+        # (or a row lock) is noticed by the server within about a minute, which then releases them
+        keepalive = {"idle": 30, "interval": 10, "count": 3}
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {
+            "connect_timeout": 10, "keepalives": 1, **{f"keepalives_{k}": v for k, v in keepalive.items()},
+            "options": " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in keepalive.items())}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
