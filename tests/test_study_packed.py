@@ -177,9 +177,13 @@ def test_what_cannot_be_packed_is_refused_with_the_reason(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["0", "-2", "two", "1.5", ""])
-def test_pack_flag_refuses_what_is_not_auto_or_a_count(text):
+def test_pack_flag_refuses_what_is_not_auto_or_a_count(text, tmp_path, capsys):
+    from sparsetrain.cli.main import main
+
     with pytest.raises(Exception, match="--pack takes auto or a whole number >= 1"):
         packed.parse_pack(text)
+    assert main(["study", "work", "--dir", str(tmp_path / "s"), "--pack", text]) == 2  # before any worker starts
+    assert "--pack takes auto or a whole number >= 1" in capsys.readouterr().err
 
 
 def test_measure_times_a_pack_against_single_steps_and_choose_follows_the_ratio(tmp_path):
@@ -210,12 +214,7 @@ def study_spec(w, **changes):
 
 def work(folder, pack):
     """Work the study in ``folder`` to its end in this process with ``--pack pack``."""
-    if pack == 1:
-        return engine.work_loop(folder)
-    opened, n = engine.open_study(folder), 0
-    while (claimed := engine._claim(opened)) is not None:
-        n += packed.work_claimed(opened, claimed, pack)
-    return n
+    return engine.work_loop(folder, pack=pack)
 
 
 @pytest.mark.slow  # two small studies of 8 trials: ~8 s quiet, ~20 s on a loaded 2-core machine
@@ -244,7 +243,7 @@ def test_packed_study_records_every_trial_once_with_the_single_curves_and_k_star
     assert sorted(r.results.get("packed", 1) for r in runs) == [1] * 2 + [3] * 6  # 4 trials a point: 3 + 1
     rows = engine.status_rows(tmp_path / "packed")
     assert all(r["finished"] == 4 and r["running"] == r["waiting"] == r["failed_attempts"] == 0 for r in rows)
-    # assert [r["packing"] for r in rows] == ["3 (asked)"] * 2
+    assert [r["packing"] for r in rows] == ["3 (asked)"] * 2
 
 
 def points(outcomes):
@@ -273,7 +272,7 @@ def test_auto_packs_only_where_the_measured_ratio_pays_and_records_it(tmp_path, 
     assert measured == [(8, 2), (32, 2)]  # once a point (2 trials planned), then read back
     rows = engine.status_rows(folder)
     assert [r["finished"] for r in rows] == [2, 2]
-    # assert [r["packing"] for r in rows] == ["2 (measured 3.00x)", "1 (measured 0.50x)"]
+    assert [r["packing"] for r in rows] == ["2 (measured 3.00x)", "1 (measured 0.50x)"]
     runs = RunStore(folder / "runs").list()
     assert sorted(r.results.get("packed", 1) for r in runs) == [1, 1, 2, 2]
 
@@ -304,5 +303,5 @@ def test_a_network_that_cannot_be_packed_runs_one_trial_at_a_time_with_the_reaso
     assert work(folder, 2) == 2
     [row] = engine.status_rows(folder)
     assert row["finished"] == 2
-    # assert row["packing"] == "1 (Normed has buffers (e.g. batch norm's running statistics))"
+    assert row["packing"] == "1 (Normed has buffers (e.g. batch norm's running statistics))"
     assert all("packed" not in r.results for r in RunStore(folder / "runs").list())

@@ -83,12 +83,17 @@ def _work_flags(p) -> None:
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--data-dir", help="data root holding <dataset>/ folders (default $SPARSETRAIN_DATA)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--pack", default="1", metavar="{auto,1,K}",
+                   help="trials of one point trained together on the device: 1 = one at a time (default), K = up "
+                        "to K, auto = measured at the start of each point and packed only where it pays")
 
 
 def _work(args) -> int:
     from ..study.engine import work
+    from ..study.packed import parse_pack
 
-    result = work(args.dir, args.workers, data_dir=args.data_dir, device=args.device, **_where(args))
+    result = work(args.dir, args.workers, data_dir=args.data_dir, device=args.device, pack=parse_pack(args.pack),
+                  **_where(args))
     print(f"{result['finished']} of {result['total']} trials finished")
     dead = [c for c in result["exit_codes"] if c != 0]
     if dead:
@@ -102,7 +107,7 @@ def _status_flags(p) -> None:
 
 
 STATUS_COLUMNS = ("point", "planned", "finished", "complete", "incomplete", "infeasible", "stopped", "running",
-                  "waiting", "failed_attempts", "k_star")
+                  "waiting", "failed_attempts", "k_star", "packing")
 
 
 def _status(args) -> int:

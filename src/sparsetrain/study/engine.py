@@ -677,11 +677,14 @@ def _unfinished(opened: OpenStudy) -> int:
 
 
 def work_loop(folder: str | Path, *, max_trials: int | None = None, data_dir: str | Path | None = None,
-              device: str | None = None, storage: str | None = None, study: str | None = None) -> int:
+              device: str | None = None, storage: str | None = None, study: str | None = None,
+              pack: str | int = 1) -> int:
     """Claim and run trials of the study in ``folder`` (or, with ``storage``, of the study named
     ``study`` in that database, ``folder`` holding this host's runs and masks) until none is
     waiting or running (waiting while others run, to take over any whose worker dies), or
-    ``max_trials`` are done. Returns how many trials this process ran."""
+    ``max_trials`` are done (a pack counts all its trials). ``pack``: 1, one trial at a time; K or
+    ``"auto"``, up to K trials of a point trained together (:mod:`sparsetrain.study.packed`).
+    Returns how many trials this process ran."""
     with open_study(folder, storage=storage, study=study) as opened:
         folder, spec = opened.folder, opened.spec
         done = 0
@@ -692,6 +695,11 @@ def work_loop(folder: str | Path, *, max_trials: int | None = None, data_dir: st
                     break
                 time.sleep(POLL_S)
                 continue
+            if pack != 1:  # more trials of this point claimed and trained with it
+                from sparsetrain.study.packed import work_claimed
+
+                done += work_claimed(opened, claimed, pack, data_dir=data_dir, device=device)
+                continue
             (workload, batch_size, sparsity), point_study, trial_id = claimed
             run_trial(folder, spec, workload, batch_size, sparsity, point_study, trial_id, data_dir=data_dir,
                       device=device, group_name=opened.name)
@@ -699,15 +707,17 @@ def work_loop(folder: str | Path, *, max_trials: int | None = None, data_dir: st
     return done
 
 
-def _worker_main(folder: str, data_dir: str = "", device: str = "", study: str = "") -> None:
+def _worker_main(folder: str, data_dir: str = "", device: str = "", study: str = "", pack: str = "1") -> None:
     """A worker process's body (``python -c``; see :func:`work`; the storage URL, if any, in
     ``$SPARSETRAIN_STUDY_STORAGE``): exit 2 with the message on a SparsetrainError, 130 on Ctrl-C
     (its trial given back)."""
     import sys
 
+    from sparsetrain.study.packed import parse_pack
+
     try:
         work_loop(folder, data_dir=data_dir or None, device=device or None,
-                  storage=os.environ.get(STORAGE_ENV) or None, study=study or None)
+                  storage=os.environ.get(STORAGE_ENV) or None, study=study or None, pack=parse_pack(pack))
     except KeyboardInterrupt:
         sys.exit(130)
     except SparsetrainError as err:
@@ -720,9 +730,9 @@ _WORKER = "import sys; from sparsetrain.study.engine import _worker_main; _worke
 
 def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = None, device: str | None = None,
          progress: bool = True, on_start: Callable[[list[int]], None] | None = None, storage: str | None = None,
-         study: str | None = None) -> dict[str, Any]:
+         study: str | None = None, pack: str | int = 1) -> dict[str, Any]:
     """Run the study in ``folder`` (or, with ``storage``, the study named ``study`` in that
-    database: see :func:`work_loop`) with ``workers`` local processes until every trial is finished
+    database: see :func:`work_loop`; ``pack``: as there) with ``workers`` local processes until every trial is finished
     (plan indexes whose trial failed with an error are enqueued again first). Shows a progress bar
     of finished trials. ``on_start(pids)`` sees the workers' process ids. Returns
     ``{"exit_codes": [...], "finished": n, "total": m}`` (a worker killed by a signal has exit code
@@ -735,14 +745,17 @@ def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = 
 
     from tqdm.auto import tqdm
 
+    from sparsetrain.study.packed import parse_pack
+
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise SparsetrainError(f"--workers must be a positive whole number; got {workers!r}")
+    pack = parse_pack(pack)
     folder = Path(folder)
     # re-enqueue what failed, before any worker starts
     spec = plan(folder, load_spec(folder, storage=storage, study=study), storage=storage, study=study)
     total = spec.trials * len(spec.points())
     opened = open_study(folder, storage=storage, study=study)
-    args = [str(folder), "" if data_dir is None else str(data_dir), device or "", study or ""]
+    args = [str(folder), "" if data_dir is None else str(data_dir), device or "", study or "", str(pack)]
     env = {k: v for k, v in os.environ.items() if k != STORAGE_ENV}
     if storage is not None:
         env[STORAGE_ENV] = storage
@@ -784,7 +797,7 @@ def _finished_count(opened: OpenStudy) -> int:
 
 def status_rows(folder: str | Path, *, storage: str | None = None, study: str | None = None) -> list[dict[str, Any]]:
     """Progress per point: trials planned, finished by status, running, waiting, failed attempts
-    (killed, errors, duplicates), and K* so far. ``storage``, ``study``: as :func:`work_loop`."""
+    (killed, errors, duplicates), K* so far, and how ``--pack`` chose to train it. ``storage``, ``study``: as :func:`work_loop`."""
     with open_study(folder, storage=storage, study=study) as opened:
         return _status_rows(opened)
 
@@ -792,11 +805,14 @@ def status_rows(folder: str | Path, *, storage: str | None = None, study: str | 
 def _status_rows(opened: OpenStudy) -> list[dict[str, Any]]:
     import optuna
 
+    from sparsetrain.study.packed import packing_summary
+
     S = optuna.trial.TrialState
     rows = []
     for workload, batch_size, sparsity in opened.spec.points():
         name = point_name(workload.name, batch_size, sparsity)
-        trials = opened.point_study(workload, batch_size, sparsity).get_trials(deepcopy=False)
+        point = opened.point_study(workload, batch_size, sparsity)
+        trials = point.get_trials(deepcopy=False)
         ended = [t for t in trials if t.state in (S.COMPLETE, S.PRUNED)]
         row = {"point": name, "planned": opened.spec.trials, "finished": len(ended),
                "running": sum(t.state == S.RUNNING for t in trials),
@@ -806,6 +822,7 @@ def _status_rows(opened: OpenStudy) -> list[dict[str, Any]]:
             row[status.value] = sum(t.user_attrs.get("status") == status for t in ended)
         steps = [t.user_attrs["steps_to_result"] for t in ended if t.user_attrs.get("status") == TrialStatus.COMPLETE]
         row["k_star"] = min(steps) if steps else None
+        row["packing"] = packing_summary(point.user_attrs.get("packing"))  # --pack's choice, if it ran
         rows.append(row)
     return rows
 
