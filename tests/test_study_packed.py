@@ -305,3 +305,11 @@ def test_a_network_that_cannot_be_packed_runs_one_trial_at_a_time_with_the_reaso
     assert row["finished"] == 2
     assert row["packing"] == "1 (Normed has buffers (e.g. batch norm's running statistics))"
     assert all("packed" not in r.results for r in RunStore(folder / "runs").list())
+
+
+def test_a_worker_process_body_takes_pack_from_its_command_line(tmp_path):
+    w = workload(tmp_path, iterations=20)
+    folder = tmp_path / "study"
+    engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=3, early_stop=False))
+    engine._worker_main(str(folder), "", "", "", "3")  # what `study work --pack 3` hands each worker
+    assert sorted(r.results.get("packed") for r in RunStore(folder / "runs").list()) == [3, 3, 3]
