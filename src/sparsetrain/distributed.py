@@ -41,6 +41,7 @@ import datetime
 import hashlib
 import logging
 import os
+import signal
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,11 +367,12 @@ def run_ddp(config: RunConfig, nproc: int, *, store: str | Path | None = "defaul
     On CUDA rank r trains on ``cuda:r`` (nproc at most the device count). A failed rank's error
     is raised here (as :class:`SparsetrainError` when it was one). ``callbacks`` and ``mask`` are
     pickled to the processes."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from .pipeline import validate
-    from .run import RunStore, default_store_root, run
+    from .run import RunStore, Terminated, default_store_root, run
     from .train.loop import resolve_device
 
     validate(config)
@@ -405,6 +407,10 @@ def run_ddp(config: RunConfig, nproc: int, *, store: str | Path | None = "defaul
             results = elastic_launch(launch, _launched_rank)(config, kwargs)
     except ChildFailedError as err:
         raise _failure(err, nproc) from None
+    except SignalException as err:  # Ctrl-C or SIGTERM: the ranks got it too, and rank 0 recorded the run as interrupted
+        if err.sigval == signal.SIGTERM:
+            raise Terminated("SIGTERM: the run is kept and resumes from its last checkpoint when started again") from None
+        raise KeyboardInterrupt(str(err)) from None
     return results[0]
 
 
@@ -412,7 +418,9 @@ def run_ddp(config: RunConfig, nproc: int, *, store: str | Path | None = "defaul
 def _launcher_quiet() -> Iterator[None]:
     """The launcher's own loggers (torch elastic, torch.multiprocessing) above warnings muted
     within the block."""
-    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    names = [name for name in logging.root.manager.loggerDict
+             if name.startswith(("torch.distributed.elastic", "torch.multiprocessing"))]
+    loggers = [logging.getLogger(name) for name in ["torch.distributed.elastic", "torch.multiprocessing", *names]]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
