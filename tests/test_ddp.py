@@ -215,9 +215,16 @@ def test_a_callback_that_stops_another_rank_stops_this_one():
 
     loaders = create_loaders("synthetic", batch_size=50)
     result = train(create_model("mlp-tiny"), loaders, TrainConfig(iterations=20, val_every=10), progress=None,
-                   callbacks=[Callback()], parallel=_OneRankAlone(stop_at=7))
+                   callbacks=[FailOnRank(rank=1, step=0)], parallel=_OneRankAlone(stop_at=7))
     assert (result.status, result.steps) == ("stopped", 7)
     assert result.stop_reason == "a callback on another rank stopped the run"
+    # callbacks that judge evaluations only (the goal error) see the same metrics on every rank: no flag
+    from sparsetrain.train.loop import StopAtGoal
+
+    alone = _OneRankAlone(stop_at=7)
+    train(create_model("mlp-tiny"), loaders, TrainConfig(iterations=20, val_every=10), progress=None,
+          callbacks=[StopAtGoal(0.0)], parallel=alone)
+    assert alone.steps == 0
 
 
 def test_wait_does_not_apply_to_a_data_parallel_run(capsys):

@@ -245,6 +245,9 @@ def train(
     running = _Running.from_state(state.running)
     model.train()
     stream = (loaders.train if parallel is None else parallel.shard_stream(loaders.train)).iter_from(state.step)
+    # on_step sees this rank's own loss, so its verdict may differ between ranks and is agreed on
+    # each step; on_eval sees the same metrics on every rank (one sync a step saved, e.g. StopAtGoal)
+    agree = parallel is not None and any(getattr(type(c), "on_step", None) is not Callback.on_step for c in callbacks)
     status, reason, end = FINISHED, None, total
     for step in range(state.step + 1, total + 1):
         batch = next(stream)
@@ -294,7 +297,7 @@ def train(
             record(step, {"test_error": test_error} if test_error is not None else {"test_loss": test_loss})
             state.min_test_error = min(state.min_test_error, test_loss if test_error is None else test_error)
         reason = next((r for r in stops if r), None)
-        if parallel is not None and callbacks:  # a callback that stops one rank stops them all (no rank waits alone)
+        if agree:  # a callback that stops one rank stops them all (no rank waits alone)
             if parallel.all_sum(torch.tensor(float(bool(reason)), device=loss.device)).item() and not reason:
                 reason = "a callback on another rank stopped the run"
         if reason:
