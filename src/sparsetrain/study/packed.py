@@ -461,8 +461,9 @@ def measure(members: list[Member], *, steps: int = 3, rounds: int = 5, check_rou
     the whole split: evaluation is linear in the examples). Returns ``step_s`` and ``check_s``
     (median seconds of one step / one check, ``"pack"``: the pack's, ``"single"``: the K trials'
     one after the other), their paired ratios ``step_ratio`` and ``check_ratio`` (single over
-    pack), and ``ratio``: the trials per hour the pack gains on this workload, ``val_every``
-    steps and one check (> 1: packing pays). Nothing is recorded and no trial is advanced."""
+    pack), and ``ratio``: the trials per hour the pack gains on this workload (``val_every`` steps
+    and one check: the two paired ratios weighted by the pack's time in each; > 1: packing pays).
+    Nothing is recorded and no trial is advanced."""
     from sparsetrain.measure import cuda_sync, time_interleaved
     from sparsetrain.train.loop import evaluate
 
@@ -495,14 +496,17 @@ def measure(members: list[Member], *, steps: int = 3, rounds: int = 5, check_rou
     step_s = {name: t / steps for name, t in t_steps.medians().items()}
     scale = pack.loaders.val.num_examples / n if val else 0.0
     check_s = {name: t_checks.medians()[name] * scale if val else 0.0 for name in step_s}
-    interval = members[0].config.train.val_every
-    per_check = {name: interval * step_s[name] + check_s[name] for name in step_s}
+    # the pack's time per check interval split into steps and the check, each part sped up or slowed
+    # down by its paired ratio (which cancels the load that changes between rounds; on one round
+    # it is single's time over the pack's)
+    step_ratio = t_steps.ratio("single", "pack")
+    check_ratio = t_checks.ratio("single", "pack") if val else 1.0
+    steps_part, check_part = members[0].config.train.val_every * step_s["pack"], check_s["pack"]
+    ratio = (steps_part * step_ratio + check_part * check_ratio) / (steps_part + check_part)
     return {"pack": len(members), "threads": threads, "steps": steps, "rounds": rounds, "check_rounds": check_rounds,
             "val_examples": n, "step_s": step_s, "check_s": check_s,
             "step_spread": {name: t_steps.spread(name) for name in step_s},
-            "step_ratio": t_steps.ratio("single", "pack"),
-            "check_ratio": t_checks.ratio("single", "pack") if val else None,
-            "ratio": per_check["single"] / per_check["pack"]}
+            "step_ratio": step_ratio, "check_ratio": check_ratio if val else None, "ratio": ratio}
 
 
 def choose(measured: dict[str, Any]) -> int:
