@@ -288,7 +288,7 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
     result = train_stage(config, built, model, hooks, mask, progress=progress, on_metrics=on_metrics,
                          checkpoint_path=checkpoint, callbacks=callbacks, parallel=parallel)
     results = result.as_results() | {"sparsity": overall(mask), "device": str(built.device)}
-    if parallel is not None:  # environment, like the device: not part of the key
+    if parallel is not None:  # environment, like the device (in the key only where it changes the result)
         results["nproc"] = parallel.world
     if built.isometry is not None:  # prune.isometry: what approximate isometry did (small: sums, per-layer penalty)
         results["isometry"] = built.isometry
