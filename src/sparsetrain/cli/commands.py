@@ -78,8 +78,8 @@ def _nproc_flag(p):
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes on this machine (DistributedDataParallel: gloo "
                    "on CPU, NCCL on GPU, one GPU each); the global batch is split evenly, so N must divide "
-                   "it; same result and run key as one process. Under torchrun every process it starts "
-                   "joins its group instead (docs/ddp.md)")
+                   "it; the result and run key are one process's (except for dropout, and batch norm on "
+                   "CPU). Under torchrun every process it starts joins its group instead (docs/ddp.md)")
 
 
 def _trains(args, config, mask=None):
