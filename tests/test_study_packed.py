@@ -68,10 +68,10 @@ def watch(best_known, goal):
     return engine.TrialWatch(FakeTrial(), goal, lambda: best_known, early_stop=True)
 
 
-def trials_of(w, tmp_path, sparsity, count, params=None):
-    """``count`` trials of the point (32, sparsity): configs (plan index = seed) and shared masks."""
+def trials_of(w, tmp_path, sparsity, count, params=None, batch_size=32):
+    """``count`` trials of the point (batch_size, sparsity): configs (plan index = seed) and shared masks."""
     params = params or plan_points(w.search, count)
-    configs = [w.trial_config(32, sparsity, p, seed=i) for i, p in enumerate(params)]
+    configs = [w.trial_config(batch_size, sparsity, p, seed=i) for i, p in enumerate(params)]
     return configs, [engine.shared_mask(tmp_path, c) for c in configs]
 
 
@@ -313,3 +313,29 @@ def test_a_worker_process_body_takes_pack_from_its_command_line(tmp_path):
     engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=3, early_stop=False))
     engine._worker_main(str(folder), "", "", "", "3")  # what `study work --pack 3` hands each worker
     assert sorted(r.results.get("packed") for r in RunStore(folder / "runs").list()) == [3, 3, 3]
+
+
+def test_an_interrupted_pack_gives_its_trials_back_and_they_rerun_from_the_start(tmp_path, monkeypatch):
+    w = workload(tmp_path, iterations=40)
+    folder = tmp_path / "study"
+    engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=3, early_stop=False))
+    step = packed.Pack.step
+
+    def interrupted(self, n):
+        if n == 25:  # Ctrl-C in the middle of the pack, after two checks were recorded
+            raise KeyboardInterrupt
+        return step(self, n)
+
+    monkeypatch.setattr(packed.Pack, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        work(folder, 3)
+    store = RunStore(folder / "runs")
+    assert sorted(r.status for r in store.list()) == ["interrupted"] * 3
+    monkeypatch.setattr(packed.Pack, "step", step)
+    assert work(folder, 3) == 3  # the retries: packed again, from the start (a pack keeps no checkpoint)
+    [row] = engine.status_rows(folder)
+    assert (row["finished"], row["failed_attempts"], row["waiting"], row["running"]) == (3, 3, 0, 0)
+    configs, masks = trials_of(w, folder, 0.5, 3, batch_size=8)
+    alone = packed.train_pack([packed.Member(c, m) for c, m in zip(configs, masks)])
+    for o, result in zip(engine.outcomes(folder), alone):
+        assert o.curve == result.curves["val_error"]  # whole, and nothing left of the first attempt
