@@ -339,3 +339,23 @@ def test_an_interrupted_pack_gives_its_trials_back_and_they_rerun_from_the_start
     alone = packed.train_pack([packed.Member(c, m) for c, m in zip(configs, masks)])
     for o, result in zip(engine.outcomes(folder), alone):
         assert o.curve == result.curves["val_error"]  # whole, and nothing left of the first attempt
+
+
+def test_an_error_in_a_pack_fails_its_trials_as_one_at_a_time_does(tmp_path, monkeypatch):
+    import optuna
+
+    w = workload(tmp_path, iterations=20)
+    folder = tmp_path / "study"
+    engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=2, early_stop=False))
+
+    def broken(self, n):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(packed.Pack, "step", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        work(folder, 2)
+    trials = optuna.load_study(study_name="workload/b8/s0.5", storage=engine.open_storage(
+        folder, engine.load_spec(folder))).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2  # not retried: plan enqueues them again
+    assert all(t.user_attrs["error"] == "RuntimeError: device lost" for t in trials)
+    assert sorted(r.status for r in RunStore(folder / "runs").list()) == ["failed"] * 2
