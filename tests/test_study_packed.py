@@ -289,21 +289,37 @@ class Normed(nn.Module):
         return self.fc(self.norm(x.flatten(1)))
 
 
-@pytest.fixture
-def normed_model():
-    MODELS.register("packed-test-normed")(Normed)
-    yield "packed-test-normed"
-    MODELS.unregister("packed-test-normed")
+class Recurrent(nn.Module):
+    """A GRU over the image's rows: torch's fused GRU kernel has no vmap batching rule."""
+
+    def __init__(self, *, input_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        self.gru = nn.GRU(input_shape[-1], 8, batch_first=True)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        out, _ = self.gru(x.flatten(1, 2))  # (B, rows, 8)
+        return self.fc(out[:, -1])
 
 
-def test_a_network_that_cannot_be_packed_runs_one_trial_at_a_time_with_the_reason(tmp_path, normed_model):
-    w = workload(tmp_path, model=normed_model, iterations=20)
+@pytest.fixture(params=[(Normed, "1 (Normed has buffers (e.g. batch norm's running statistics))"),
+                        (Recurrent, "1 (vmap cannot train it (RuntimeError: Batching rule not implemented for "
+                                    "aten::gru.input")], ids=["batch-norm", "gru"])
+def unpackable(request):
+    model, shown = request.param
+    MODELS.register("packed-test-unpackable")(model)  # for this test only (not in the model listings)
+    yield "packed-test-unpackable", shown
+    MODELS.unregister("packed-test-unpackable")
+
+
+def test_a_network_that_cannot_be_packed_runs_one_trial_at_a_time_with_the_reason(tmp_path, unpackable):
+    model, shown = unpackable
+    w = workload(tmp_path, model=model, iterations=20)
     folder = tmp_path / "study"
     engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=2, early_stop=False))
     assert work(folder, 2) == 2
     [row] = engine.status_rows(folder)
-    assert row["finished"] == 2
-    assert row["packing"] == "1 (Normed has buffers (e.g. batch norm's running statistics))"
+    assert row["finished"] == 2 and row["packing"].startswith(shown)
     assert all("packed" not in r.results for r in RunStore(folder / "runs").list())
 
 
@@ -348,8 +364,12 @@ def test_an_error_in_a_pack_fails_its_trials_as_one_at_a_time_does(tmp_path, mon
     folder = tmp_path / "study"
     engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=2, early_stop=False))
 
+    step = packed.Pack.step
+
     def broken(self, n):
-        raise RuntimeError("device lost")
+        if n == 5:  # (after the check that the network packs, which takes step 1)
+            raise RuntimeError("device lost")
+        return step(self, n)
 
     monkeypatch.setattr(packed.Pack, "step", broken)
     with pytest.raises(RuntimeError, match="device lost"):

@@ -20,10 +20,11 @@ own end, with its test errors measured as the single run measures them. A packed
 equals the same trial run alone up to float rounding (vmap's batched kernels sum in another
 order): tests/test_study_packed.py checks every check's error to 1e-5 and the early-stop step.
 
-What can be packed (:func:`why_not_packable`): SGD, dense execution, models without buffers or
-dropout (batch norm's running statistics and dropout's random draws are not per-trial here), and
-trials whose configs differ only in seed and the searched metaparameters. Anything else runs one
-trial at a time, which stays the reference.
+What can be packed (:func:`why_not_packable`, :func:`why_not_packable_model`): SGD, dense
+execution, models without buffers or dropout (batch norm's running statistics and dropout's random
+draws are not per-trial here) whose operations vmap can batch (not torch's fused RNN kernels:
+:meth:`Pack.probe` finds out), and trials whose configs differ only in seed and the searched
+metaparameters. Anything else runs one trial at a time, which stays the reference.
 
 Whether packing pays depends on the device and the step's size: on a GPU a small network at a
 small batch leaves most of the device idle, and a pack fills it; on a CPU the per-step work is
@@ -111,6 +112,8 @@ def why_not_packable(configs: list[RunConfig]) -> str | None:
         return f"execution {t.execution!r} (packing trains dense tensors under masks)"
     if t.val_every <= 0:
         return "no validation checks (train.val_every 0)"
+    if first.prune.isometry:
+        return "prune.isometry (a single run records its summary)"
 
     def shared(c: RunConfig) -> dict[str, Any]:
         d = c.replace(seed=0, train={k: getattr(t, k) for k in PER_TRIAL}).to_dict()
@@ -275,6 +278,18 @@ class Pack:
                 n += len(xs)
         self.module.train()
         return [w / n for w in wrong.tolist()], [s / n for s in loss_sum.tolist()]
+
+    def probe(self) -> None:
+        """Take a training step and evaluate two examples (on copies: the pack is unchanged), so
+        that an operation vmap cannot batch (in training or in inference mode) raises now."""
+        saved = (self.params, self.buffers)
+        self.params = {n: p.clone() for n, p in self.params.items()}
+        try:
+            self.step(1)
+            x, y = self.loaders.train.batch(0)
+            self.evaluate([(x[:2], y[:2])])
+        finally:
+            self.params, self.buffers = saved
 
     def trial_params(self, i: int) -> dict[str, torch.Tensor]:
         return {n: p[i].clone() for n, p in self.params.items()}
@@ -564,10 +579,13 @@ def _decide(opened, workload, batch_size: int, sparsity: float, study, pack, mas
         if pack == "auto":
             measured = measure(members, data_dir=data_dir, device=device)
             decision = {"chosen": choose(measured), "asked": pack, **measured, "device": str(device or "auto")}
-        else:
-            Pack(members[:2], data_dir=data_dir, device=device)  # refuses what cannot be packed
+        else:  # a pack of two: refuses what cannot be packed
+            Pack(members[:2], data_dir=data_dir, device=device).probe()
     except NotPackable as err:
         decision = {"chosen": 1, "asked": pack, "reason": err.why}
+    except (RuntimeError, NotImplementedError) as err:  # an operation vmap cannot batch (e.g. a fused RNN kernel)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        decision = {"chosen": 1, "asked": pack, "reason": f"vmap cannot train it ({type(err).__name__}: {first_line})"}
     if recorded != decision:
         study.set_user_attr("packing", decision)
     return int(decision["chosen"])
