@@ -83,16 +83,18 @@ def _work_flags(p) -> None:
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--data-dir", help="data root holding <dataset>/ folders (default $SPARSETRAIN_DATA)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--pack", default="1", metavar="{auto,1,K}",
-                   help="trials of one point trained together on the device: 1 = one at a time (default), K = up "
-                        "to K, auto = measured at the start of each point and packed only where it pays")
+    p.add_argument("--pack", default=None, metavar="{auto,1,K}",
+                   help="trials of one point trained together on the device: 1 = one at a time, K = up to K, auto = "
+                        "measured at the start of each point and packed only where it pays (default: auto on a GPU, "
+                        "1 on a CPU, where packing measured 0.45-0.71x)")
 
 
 def _work(args) -> int:
     from ..study.engine import work
     from ..study.packed import parse_pack
 
-    result = work(args.dir, args.workers, data_dir=args.data_dir, device=args.device, pack=parse_pack(args.pack),
+    pack = None if args.pack is None else parse_pack(args.pack)  # None: default_pack for the device
+    result = work(args.dir, args.workers, data_dir=args.data_dir, device=args.device, pack=pack,
                   **_where(args))
     print(f"{result['finished']} of {result['total']} trials finished")
     dead = [c for c in result["exit_codes"] if c != 0]

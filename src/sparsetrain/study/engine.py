@@ -730,9 +730,9 @@ _WORKER = "import sys; from sparsetrain.study.engine import _worker_main; _worke
 
 def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = None, device: str | None = None,
          progress: bool = True, on_start: Callable[[list[int]], None] | None = None, storage: str | None = None,
-         study: str | None = None, pack: str | int = 1) -> dict[str, Any]:
+         study: str | None = None, pack: str | int | None = None) -> dict[str, Any]:
     """Run the study in ``folder`` (or, with ``storage``, the study named ``study`` in that
-    database: see :func:`work_loop`; ``pack``: as there) with ``workers`` local processes until every trial is finished
+    database: see :func:`work_loop`; ``pack``: as there, None for :func:`~sparsetrain.study.packed.default_pack`) with ``workers`` local processes until every trial is finished
     (plan indexes whose trial failed with an error are enqueued again first). Shows a progress bar
     of finished trials. ``on_start(pids)`` sees the workers' process ids. Returns
     ``{"exit_codes": [...], "finished": n, "total": m}`` (a worker killed by a signal has exit code
@@ -745,11 +745,11 @@ def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = 
 
     from tqdm.auto import tqdm
 
-    from sparsetrain.study.packed import parse_pack
+    from sparsetrain.study.packed import default_pack, parse_pack
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise SparsetrainError(f"--workers must be a positive whole number; got {workers!r}")
-    pack = parse_pack(pack)
+    pack = default_pack(device) if pack is None else parse_pack(pack)
     folder = Path(folder)
     # re-enqueue what failed, before any worker starts
     spec = plan(folder, load_spec(folder, storage=storage, study=study), storage=storage, study=study)

@@ -97,6 +97,19 @@ def parse_pack(text: str | int) -> str | int:
     return value
 
 
+def default_pack(device: str | None) -> str | int:
+    """``--pack``'s default for ``device`` (None: CUDA when available, as the runs): ``"auto"`` on a
+    GPU, where small trials leave the device idle; 1 on a CPU, where packing measured 0.71x at B = 16
+    and 0.45x at B = 128 (docs/results/bench_packing.md), so auto's minute or two of measuring a
+    point would buy nothing.
+
+    >>> default_pack("cpu"), default_pack("cuda:1")
+    (1, 'auto')
+    """
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "auto" if torch.device(name).type == "cuda" else 1
+
+
 # ----------------------------------------------------------------------------- what packs
 
 
