@@ -94,6 +94,23 @@ class GridResult:
         """``key`` of every finished run of ``cell`` (missing values left out)."""
         return [r.results[key] for r in self.records.get(cell, []) if (r.results or {}).get(key) is not None]
 
+    def publish(self, out, lines: list[str], data: dict, iterations: str | None = None) -> str:
+        """Write the experiment's table: ``lines`` (Markdown) with the grid's footer (iterations per
+        run, or the experiment's own ``iterations`` text, and this invocation's wall time) and
+        ``data`` (JSON, marked ``shortened`` when the grid is), with the provenance; returns the
+        Markdown as written. The one way every grid experiment ends."""
+        from ..measure import write_report
+
+        if iterations is None:
+            counts = sorted({c.train.iterations for cs in self.configs.values() for c in cs})
+            iterations = f"Iterations per run: {', '.join(f'{n:,}' for n in counts)}"
+        lines = [*lines, "", f"{iterations}. Wall time of this invocation {self.seconds / 60:.1f} min (runs already "
+                             "in the store are not repeated)."]
+        if self.shortened:
+            data = {**data, "shortened": self.shortened}
+        md, _ = write_report(out, "\n".join(lines), data, provenance=self.provenance)
+        return md.read_text()
+
 
 def run_grid(cells: list[Cell], options: ReproduceOptions, group: tuple[str, str]) -> GridResult:
     """Select ``options.rows`` of ``cells``, refuse a shortened table over a full one before

@@ -64,7 +64,6 @@ def _last(curve):
 
 def write_table(grid: GridResult, out, store) -> str:
     """The table (Markdown, JSON beside it) and one figure per network of ``grid``."""
-    from ..measure import write_report
 
     lines = [
         "# " + titled("SNIP paper: preventing memorization (dense and SNIP, true and random labels)", grid.shortened),
@@ -101,12 +100,7 @@ def write_table(grid: GridResult, out, store) -> str:
         path = png_beside(out, f"_{network}")
         _plot(network, entries, path, grid.shortened)
         lines += ["", f"![{network}: training loss and accuracy]({path.name})"]
-    lines += ["", f"Wall time of this invocation {grid.seconds / 60:.1f} min (runs already in the store are not "
-                  "repeated)."]
-    if grid.shortened:
-        data["shortened"] = grid.shortened
-    md, _ = write_report(out, "\n".join(lines), data, provenance=grid.provenance)
-    return md.read_text()
+    return grid.publish(out, lines, data)
 
 
 def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:

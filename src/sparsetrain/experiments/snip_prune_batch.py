@@ -40,7 +40,6 @@ def reproduce_snip_prune_batch(options: ReproduceOptions) -> None:
 
 def write_table(grid: GridResult, out) -> str:
     """The table (Markdown, JSON beside it) and the figure (``<out stem>.png``) of ``grid``."""
-    from ..measure import write_report
 
     lines = [
         "# " + titled("SNIP paper: pruning batch size against test error (LeNet-300-100, SNIP 90%)", grid.shortened),
@@ -64,16 +63,10 @@ def write_table(grid: GridResult, out) -> str:
                                 "keys": [r.key for r in grid.records.get(cell.name, [])]}
         if final:
             points.append((b, [100 * v for v in final]))
-    iterations = sorted({c.train.iterations for cs in grid.configs.values() for c in cs})
-    lines += ["", f"Iterations per run: {', '.join(f'{n:,}' for n in iterations)}. Wall time of this invocation "
-                  f"{grid.seconds / 60:.1f} min (runs already in the store are not repeated)."]
-    if grid.shortened:
-        data["shortened"] = grid.shortened
     if points:
         lines += ["", f"![test error against pruning batch size]({png_beside(out).name})"]
         _plot(points, png_beside(out), grid.shortened)
-    md, _ = write_report(out, "\n".join(lines), data, provenance=grid.provenance)
-    return md.read_text()
+    return grid.publish(out, lines, data)
 
 
 def _plot(points, path, shortened) -> None:

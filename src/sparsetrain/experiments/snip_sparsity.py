@@ -72,7 +72,6 @@ def reproduce_snip_sparsity(options: ReproduceOptions) -> None:
 
 def write_table(grid: GridResult, out) -> str:
     """A table per network (Markdown, JSON beside them) and the figure (``<out stem>.png``)."""
-    from ..measure import write_report
 
     lines = ["# " + titled("SNIP paper: test error against sparsity, SNIP and the baselines (MNIST)", grid.shortened),
              "",
@@ -105,16 +104,11 @@ def write_table(grid: GridResult, out) -> str:
     if NETWORKS["lenet-5-caffe"][1] and "lenet-5-caffe" in networks:
         lines += ["", f"LeNet-5-Caffe's recipe is Table 1's fitted to this CPU: {NETWORKS['lenet-5-caffe'][1]:,} of "
                       "its 30,000 iterations, the learning-rate schedule compressed with it."]
-    lines += ["", f"Wall time of this invocation {grid.seconds / 60:.1f} min (runs already in the store are not "
-                  "repeated)."]
     if any(v["test_error_final_pct"] for v in data["rows"].values()):
         path = png_beside(out)
         _plot(networks, data["rows"], path, grid.shortened)
         lines += ["", f"![test error against sparsity]({path.name})"]
-    if grid.shortened:
-        data["shortened"] = grid.shortened
-    md, _ = write_report(out, "\n".join(lines), data, provenance=grid.provenance)
-    return md.read_text()
+    return grid.publish(out, lines, data)
 
 
 def _plot(networks, rows, path, shortened) -> None:

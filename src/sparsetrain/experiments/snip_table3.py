@@ -69,7 +69,6 @@ def reproduce_snip_table3(options: ReproduceOptions) -> None:
 
 def write_table(grid: GridResult, out) -> str:
     """The table (Markdown, JSON beside it) and the figure (``<out stem>.png``) of ``grid``."""
-    from ..measure import write_report
 
     networks = list(dict.fromkeys(c.info["network"] for c in grid.cells))
     inits = list(dict.fromkeys(c.info["init"] for c in grid.cells))
@@ -101,17 +100,12 @@ def write_table(grid: GridResult, out) -> str:
         lines.append(f"| {network} | " + " | ".join(cells) + " |")
     iterations = {n: sorted({c.train.iterations for cell in grid.cells if cell.info["network"] == n
                              for c in grid.configs[cell.name]}) for n in networks}
-    lines += ["", "Iterations per run: " + "; ".join(f"{n} {', '.join(f'{k:,}' for k in its)}"
-                                                     for n, its in iterations.items()) +
-              f". Wall time of this invocation {grid.seconds / 60:.1f} min (runs already in the store are not repeated)."]
     if any(data["rows"][c]["test_error_final_pct"] for c in data["rows"]):
         path = png_beside(out)
         _plot(networks, inits, by, grid, path)
         lines += ["", f"![test error by initialization]({path.name})"]
-    if grid.shortened:
-        data["shortened"] = grid.shortened
-    md, _ = write_report(out, "\n".join(lines), data, provenance=grid.provenance)
-    return md.read_text()
+    return grid.publish(out, lines, data, "Iterations per run: " + "; ".join(
+        f"{n} {', '.join(f'{k:,}' for k in its)}" for n, its in iterations.items()))
 
 
 def _plot(networks, inits, by, grid: GridResult, path) -> None:

@@ -64,7 +64,6 @@ def reproduce_spp_isometry(options: ReproduceOptions) -> None:
 
 
 def write_table(grid: GridResult, out, store, data_dir=None) -> str:
-    from ..measure import write_report
 
     length = grid.configs[grid.cells[0].name][0].train.iterations if grid.cells else LENGTH
     lines = ["# " + titled("Signal-propagation paper, experiment 3: training with and without approximate isometry",
@@ -117,9 +116,4 @@ def write_table(grid: GridResult, out, store, data_dir=None) -> str:
         fig.tight_layout()
         save_png(fig, path)
         lines += ["", f"![{network}: training loss and error]({path.name})"]
-    lines += ["", f"Wall time of this invocation {grid.seconds / 60:.1f} min (runs already in the store are not "
-                  "repeated)."]
-    if grid.shortened:
-        data["shortened"] = grid.shortened
-    md, _ = write_report(out, "\n".join(lines), data, provenance=grid.provenance)
-    return md.read_text()
+    return grid.publish(out, lines, data)

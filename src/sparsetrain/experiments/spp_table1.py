@@ -53,7 +53,6 @@ def reproduce_spp_table1(options: ReproduceOptions) -> None:
 
 def write_table(grid: GridResult, out) -> str:
     """The table (Markdown, JSON beside it) of ``grid``."""
-    from ..measure import write_report
 
     lines = [
         "# " + titled("Beyond the papers: SNIP's Table 1 hardest rows with signal-propagation repairs", grid.shortened),
@@ -78,11 +77,5 @@ def write_table(grid: GridResult, out) -> str:
                                    "test_error_best_val_pct": [100 * v for v in best_val],
                                    "test_error_min_over_checks_pct": [100 * v for v in best],
                                    "keys": [r.key for r in grid.records.get(cell.name, [])]}
-    iterations = sorted({c.train.iterations for cs in grid.configs.values() for c in cs})
-    lines += ["", "Variants: " + "; ".join(f"*{v}*: {what}" for v, (_, what) in VARIANTS.items()) + ".",
-              "", f"Iterations per run: {', '.join(f'{n:,}' for n in iterations)}. Wall time of this invocation "
-                  f"{grid.seconds / 60:.1f} min (runs already in the store are not repeated)."]
-    if grid.shortened:
-        data["shortened"] = grid.shortened
-    md, _ = write_report(out, "\n".join(lines), data, provenance=grid.provenance)
-    return md.read_text()
+    lines += ["", "Variants: " + "; ".join(f"*{v}*: {what}" for v, (_, what) in VARIANTS.items()) + "."]
+    return grid.publish(out, lines, data)

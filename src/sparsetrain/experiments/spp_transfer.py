@@ -48,7 +48,6 @@ def reproduce_spp_transfer(options: ReproduceOptions) -> None:
 
 def write_table(grid: GridResult, out) -> str:
     """The table (Markdown, JSON beside it) and the figure (``<out stem>.png``) of ``grid``."""
-    from ..measure import write_report
 
     lines = [
         "# " + titled(f"Signal-propagation paper: transfer of sparsity (SNIP {SPARSITY:.0%}, MNIST and Fashion-MNIST)",
@@ -78,16 +77,10 @@ def write_table(grid: GridResult, out) -> str:
                 "network": net, "target": target, "transferred_from": other,
                 "test_error_final_pct": {k: [100 * x for x in v] for k, v in finals.items()},
                 "keys": {k: [r.key for r in grid.records.get(c.name, [])] for k, c in cells.items() if c}}
-    iterations = sorted({c.train.iterations for cs in grid.configs.values() for c in cs})
-    lines += ["", f"Iterations per run: {', '.join(f'{n:,}' for n in iterations)}. Wall time of this invocation "
-                  f"{grid.seconds / 60:.1f} min (runs already in the store are not repeated)."]
-    if grid.shortened:
-        data["shortened"] = grid.shortened
     if any(v for row in data["rows"].values() for v in row["test_error_final_pct"].values()):
         lines += ["", f"![test error with the target's own and a transferred mask]({png_beside(out).name})"]
         _plot(data["rows"], png_beside(out), grid.shortened)
-    md, _ = write_report(out, "\n".join(lines), data, provenance=grid.provenance)
-    return md.read_text()
+    return grid.publish(out, lines, data)
 
 
 def _plot(rows: dict, path, shortened) -> None:

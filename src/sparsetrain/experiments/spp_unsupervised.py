@@ -91,7 +91,6 @@ def write_table(grid: GridResult, out, store) -> str:
     """The table (Markdown, JSON beside it) and the figure (``<out stem>.png``) of ``grid``."""
     import statistics
 
-    from ..measure import write_report
 
     lines = [
         "# " + titled("Signal-propagation paper: pruning without supervision (SNIP vs unsupervised SNIP, MNIST)",
@@ -126,17 +125,11 @@ def write_table(grid: GridResult, out, store) -> str:
                 "network": net, "sparsity": s, "test_error_final_pct": errs, "overlap": ov, "random_overlap": 1 - s,
                 "keys": {m: [r.key for r in grid.records.get(by[net, s, m].name, [])] for m in METHODS
                          if (net, s, m) in by}}
-    iterations = sorted({c.train.iterations for cs in grid.configs.values() for c in cs})
-    lines += ["", f"Iterations per run: {', '.join(f'{n:,}' for n in iterations)}. Wall time of this invocation "
-                  f"{grid.seconds / 60:.1f} min (runs already in the store are not repeated)."]
-    if grid.shortened:
-        data["shortened"] = grid.shortened
     if any(row["test_error_final_pct"][m] for row in data["rows"].values() for m in METHODS if m in
            row["test_error_final_pct"]):
         lines += ["", f"![test error and mask overlap against sparsity]({png_beside(out).name})"]
         _plot(data["rows"], png_beside(out), grid.shortened)
-    md, _ = write_report(out, "\n".join(lines), data, provenance=grid.provenance)
-    return md.read_text()
+    return grid.publish(out, lines, data)
 
 
 def _pct(values: list[float]) -> str:
