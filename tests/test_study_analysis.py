@@ -15,6 +15,7 @@ import pytest
 from sparsetrain.errors import SparsetrainError
 from sparsetrain.fsio import simulate_full_disk
 from sparsetrain.study.analysis import REGIMES, Fit, fit_k_star, fits, points, report
+from sparsetrain.study.lipschitz import LipschitzCurve
 from sparsetrain.study.outcome import TrialOutcome
 from sparsetrain.study.shallue import read_layout, write_layout
 
@@ -153,9 +154,11 @@ def _study():
 
 def test_report_writes_the_tables_the_figures_and_the_json(tmp_path):
     outcomes = _study()
-    lipschitz = {0.0: [(1000, 3.0), (2000, 2.5)], 0.9: [(1000, 6.0), (2000, 5.0)]}
+    lipschitz = [LipschitzCurve("mnist/simple_cnn/sgd", s, 128, 2, {"learning_rate": 0.03}, 900, 900, 300, 1000,
+                                10_000, values, 900) for s, values in ((0.0, ((300, 3.0), (600, 2.5))),
+                                                                        (0.9, ((300, 6.0), (600, 5.0))))]
     text = report(outcomes, tmp_path, lipschitz=lipschitz)
-    for name in ("report.md", "report.json", "k_star-mnist-simple_cnn-sgd.png", "lipschitz.png"):
+    for name in ("report.md", "report.json", "k_star-mnist-simple_cnn-sgd.png", "lipschitz-mnist-simple_cnn-sgd.png"):
         assert (tmp_path / name).exists(), name
     assert (tmp_path / "k_star-mnist-simple_cnn-sgd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((tmp_path / "report.json").read_text())
@@ -166,7 +169,9 @@ def test_report_writes_the_tables_the_figures_and_the_json(tmp_path):
     assert got[(0.9, 512)] == (700, 2, {"learning_rate": 0.03})
     assert data["workloads"]["mnist/simple_cnn/sgd"]["fits"]["0.9"]["c1"] == pytest.approx(2e5, rel=0.1)
     assert "| 0.9 | 512 | 700 | 2 / 3 | 0 |" in text and "learning_rate=0.03" in text
-    assert data["lipschitz"]["0.9"] == [[1000, 6.0], [2000, 5.0]]
+    curves = data["workloads"]["mnist/simple_cnn/sgd"]["lipschitz"]
+    assert [c["sparsity"] for c in curves] == [0.0, 0.9] and curves[1]["values"] == [[300, 6.0], [600, 5.0]]
+    assert "| 0.9 | 128 | 2 | learning_rate=0.03 | 900 | 900 | 900 | 300 | 10000 | 6 .. 5 | 6 |" in text
 
 
 def test_report_on_a_study_where_nothing_reached_the_goal(tmp_path):

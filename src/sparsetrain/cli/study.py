@@ -1,10 +1,10 @@
 """``sparsetrain study``: plan a steps-to-result study, work on it with local worker processes
-(on any number of hosts, through one database: ``--storage``), show its progress, report it.
-Each action is one call into :mod:`sparsetrain.study.engine`."""
+(on any number of hosts, through one database: ``--storage``), show its progress, measure its
+Lipschitz curves, report it. Each action parses its flags and makes one call into the library
+(:mod:`sparsetrain.study.engine`, :mod:`~sparsetrain.study.lipschitz`, :mod:`~sparsetrain.study.analysis`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -131,26 +131,43 @@ def _report_flags(p) -> None:
 
 
 def _report(args) -> int:
-    from ..study.engine import best_trials, outcomes
+    from ..study import analysis
+    from ..study.engine import outcomes
+    from ..study.lipschitz import load_curves
 
-    found = outcomes(args.dir, **_where(args))
     out = Path(args.out or Path(args.dir) / "report")
-    if importlib.util.find_spec("sparsetrain.study.analysis") is not None:
-        from ..study import analysis
+    analysis.report(outcomes(args.dir, **_where(args)), out, lipschitz=load_curves(args.dir))
+    print(f"report written to {out}")
+    return 0
 
-        if hasattr(analysis, "report"):
-            analysis.report(found, out)
-            print(f"report written to {out}")
-            return 0
-    best = best_trials(found)  # until the analysis exists: K* and the best metaparameters per point
-    points = sorted({o.point for o in found})
-    rows = [{"workload": w, "batch_size": b, "sparsity": s,
-             "trials": sum(o.point == (w, b, s) for o in found),
-             "k_star": best[(w, b, s)].steps_to_result if (w, b, s) in best else "-",
-             "best_plan_index": best[(w, b, s)].plan_index if (w, b, s) in best else "-",
-             "best_params": json.dumps(best[(w, b, s)].params) if (w, b, s) in best else "-"}
-            for w, b, s in points]
-    print(format_table(rows, tuple(rows[0]) if rows else ("workload",)))
+
+def _lipschitz_flags(p) -> None:
+    from ..study.lipschitz import DEFAULT_EXAMPLES, MEASUREMENTS, PREFERRED_BATCH_SIZE
+
+    _dir_flag(p)
+    p.add_argument("--batch-size", type=int, metavar="B",
+                   help=f"retrain the best trials of this batch size (default: the study's nearest "
+                        f"{PREFERRED_BATCH_SIZE} where every sparsity has a K*)")
+    p.add_argument("--every", type=int, metavar="N",
+                   help=f"measure L between steps every - 1 and every (default: a multiple of the check interval "
+                        f"giving at most {MEASUREMENTS} values; effect-dps-public: 1000)")
+    p.add_argument("--steps", type=int, metavar="S", help="steps to retrain each best trial (default: its K*)")
+    p.add_argument("--chunk", type=int, default=1000, metavar="C",
+                   help="examples per chunk of a full-batch gradient (default 1000)")
+    p.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, metavar="E",
+                   help=f"the full-batch gradient over the first E training examples (default {DEFAULT_EXAMPLES}; "
+                        "0 = all of them, as effect-dps-public; a measurement costs 10 full-batch gradients)")
+    p.add_argument("--data-dir", help="data root holding <dataset>/ folders (default $SPARSETRAIN_DATA)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+
+
+def _lipschitz(args) -> int:
+    from ..study.lipschitz import LIPSCHITZ_FILE, measure_study
+
+    curves = measure_study(args.dir, batch_size=args.batch_size, every=args.every, steps=args.steps,
+                           chunk=args.chunk, examples=args.examples or None, data_dir=args.data_dir,
+                           device=args.device, progress=True, **_where(args))
+    print(f"{len(curves)} curve(s) in {Path(args.dir) / LIPSCHITZ_FILE}; sparsetrain study report draws them")
     return 0
 
 
@@ -160,7 +177,10 @@ ACTIONS = {
     "work": ("run the study's trials with N local worker processes (a killed worker's trial is retried)",
              _work_flags, _work),
     "status": ("progress per point: trials finished by status, running, waiting, K* so far", _status_flags, _status),
-    "report": ("K* per point and the best metaparameters (the analysis: plots and fits)", _report_flags, _report),
+    "report": ("the analysis: K* per point, the best metaparameters, plots and fits, the Lipschitz curves",
+               _report_flags, _report),
+    "lipschitz": ("Lipschitz smoothness along training: each sparsity's best trial retrained with L measured "
+                  "every N steps (lipschitz.json, drawn by report)", _lipschitz_flags, _lipschitz),
 }
 
 

@@ -281,16 +281,18 @@ def _slug(workload: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in workload)
 
 
-def report(outcomes: Iterable[TrialOutcome], out_dir: str | Path, *,
-           lipschitz: Mapping[float, Sequence[tuple[int, float]]] | None = None,
+def report(outcomes: Iterable[TrialOutcome], out_dir: str | Path, *, lipschitz: Sequence = (),
            provenance=None, title: str = "Steps to result") -> str:
     """Analyse ``outcomes`` and write ``out_dir/report.md`` with ``report.json`` beside it
     (:func:`sparsetrain.measure.write_report`), one K* figure per workload (``k_star-<workload>.png``)
-    and, given ``lipschitz`` ({sparsity: [(step, L)]}), ``lipschitz.png``; return the Markdown.
+    and, for a workload with curves in ``lipschitz`` (:class:`~sparsetrain.study.lipschitz.LipschitzCurve`,
+    as :func:`~sparsetrain.study.lipschitz.measure_study` returns them), ``lipschitz-<workload>.png``;
+    return the Markdown.
 
     The Markdown has, per workload, the table of points (K*, trials by status, the regime, the best
-    trial's metaparameters) and the table of fits (c1, c2, c1/c2, R^2 in log space, RMS relative
-    error). ``provenance``: a :class:`sparsetrain.measure.Provenance` for the footer, or None."""
+    trial's metaparameters), the table of fits (c1, c2, c1/c2, R^2 in log space, RMS relative
+    error) and, with curves, where each came from (the trial, B, steps, interval, examples).
+    ``provenance``: a :class:`sparsetrain.measure.Provenance` for the footer, or None."""
     from sparsetrain.measure import write_report
 
     outcomes = list(outcomes)
@@ -312,15 +314,39 @@ def report(outcomes: Iterable[TrialOutcome], out_dir: str | Path, *,
             "points": [_point_dict(p, line_fits.get((p.workload, p.sparsity))) for p in ps],
             "fits": {f"{s:g}": (f.to_dict() if f else None) for (w, s), f in line_fits.items() if w == workload},
         }
-    if lipschitz:
-        from sparsetrain.study.lipschitz import plot_lipschitz
-
-        figure = plot_lipschitz(lipschitz, out_dir / "lipschitz.png")
-        md += ["## Lipschitz smoothness", "", f"![Lipschitz constant against steps]({figure.name})", ""]
-        data["lipschitz"] = {f"{s:g}": [[int(t), float(v)] for t, v in curve] for s, curve in sorted(lipschitz.items())}
+        curves = sorted((c for c in lipschitz if c.workload == workload), key=lambda c: c.sparsity)
+        if curves:
+            md += _lipschitz_section(workload, curves, out_dir)
+            data["workloads"][workload]["lipschitz"] = [c.to_dict() for c in curves]
     text = "\n".join(md)
     write_report(out_dir / "report.md", text, data, provenance=provenance)
     return text
+
+
+def _lipschitz_section(workload: str, curves: list, out_dir: Path) -> list[str]:
+    """The Markdown of a workload's Lipschitz curves: where each came from, its figure."""
+    from sparsetrain.study.lipschitz import plot_lipschitz
+
+    sizes = sorted({c.batch_size for c in curves})
+    figure = plot_lipschitz({c.sparsity: c.values for c in curves}, out_dir / f"lipschitz-{_slug(workload)}.png",
+                            title=f"{workload}, B = {', '.join(map(str, sizes))}")
+    rows = ["| sparsity | B | best trial | its metaparameters | K* | steps trained | goal reached (retrained) | "
+            "every | examples | L (first .. last) | max L |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
+    for c in curves:
+        finite = [v for _, v in c.values if math.isfinite(v)]
+        span, peak = (f"{finite[0]:.4g} .. {finite[-1]:.4g}", f"{max(finite):.4g}") if finite else ("-", "-")
+        reached = c.goal_reached_at if c.goal_reached_at is not None else "no"
+        rows.append(f"| {c.sparsity:g} | {c.batch_size} | {c.plan_index} | {_params_text(c.params)} | {c.k_star} | "
+                    f"{c.steps} | {reached} | {c.every} | {c.examples if c.examples is not None else 'all'} | "
+                    f"{span} | {peak} |")
+    return ["### Lipschitz smoothness", "",
+            "L = max over gamma in {0.1, ..., 0.9} of ||g(w + gamma d) - g(w)|| / ||gamma d|| for the step d "
+            "between steps k - 1 and k, g the full-batch training gradient over the first `examples` training "
+            "examples (effect-dps-public: all of them, every 1000 steps). Each curve retrains one sparsity's best "
+            "trial (the one that set K*) at batch size B: its metaparameters, its seed (the plan index) and the "
+            "study's mask (`sparsetrain study lipschitz`). 'goal reached' is the retrained run's first check at "
+            "or below the goal: K* when the retraining reproduced the trial.", "", "\n".join(rows), "",
+            f"![Lipschitz constant against steps]({figure.name})", ""]
 
 
 def _point_dict(p: Point, fit: Fit | None) -> dict:
