@@ -262,6 +262,16 @@ def untrained_rows(options: ReproduceOptions, name: str, rows, kind: str) -> lis
     return chosen
 
 
+def publish_untrained(out, lines: list[str], data: dict, provenance, started: float) -> None:
+    """Write and print the table of an experiment that trains nothing: ``lines`` (Markdown) with
+    the wall time since ``started`` and ``data`` (JSON), with the provenance taken before it ran."""
+    from ..measure import write_report
+
+    lines = [*lines, f"Wall time {time.time() - started:.0f} s."]
+    md, _ = write_report(out, "\n".join(lines), data, provenance=provenance)
+    print(md.read_text())
+
+
 def check_out(options: ReproduceOptions, reasons: list[str]) -> None:
     """Refuse, before anything trains, to write a shortened table over a full one."""
     if reasons and not options.force and holds_full_table(Path(options.out)):

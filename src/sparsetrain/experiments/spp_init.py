@@ -33,10 +33,10 @@ from torch import nn
 from ..data import load_dataset, preprocess
 from ..errors import SparsetrainError
 from ..init import initialize_
-from ..measure import Provenance, write_report
+from ..measure import Provenance
 from ..models import create_model
 from ..pruning import prune_at_init
-from .common import EXPERIMENTS, ReproduceOptions, untrained_rows
+from .common import EXPERIMENTS, ReproduceOptions, publish_untrained, untrained_rows
 from ..measure import new_figure, png_beside, save_png
 
 ROWS = ("mlp-7-tanh", "vgg-like")
@@ -108,35 +108,15 @@ def reproduce_spp_init(options: ReproduceOptions) -> None:
             initialize_(model, init, seed)
             mask = prune_at_init(model, "snip", sparsity=INIT_SPARSITY, batches=batch, seed=seed)
             results[row][init] = kept_per_layer(mask, layers)
-    out = Path(options.out)
-    png = png_beside(out)
-    fig = new_figure(4.5 * len(rows), 3.2)
-    for i, row in enumerate(rows):
-        ax = fig.add_subplot(1, len(rows), i + 1)
-        for init, kept in results[row].items():
-            ax.plot(range(1, len(kept) + 1), [100 * k for k in kept], marker="o", label=init)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("weights kept (%)")
-        ax.set_title(f"{row}: SNIP {INIT_SPARSITY:.0%}", fontsize=8)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    save_png(fig, png)
+    png = _plot_layers(results, options.out, "layer", "weights kept (%)", f"SNIP {INIT_SPARSITY:.0%}", scale=100)
     lines = ["# Signal-propagation paper, experiment 1: weights kept per layer after SNIP, by initialisation", "",
              f"SNIP at {INIT_SPARSITY:.0%} sparsity (weights only, global top-kappa), nothing trained, seed {seed}. "
              f"mlp-7-tanh is scored on {BATCH} MNIST training images; vgg-like on {BATCH} Gaussian inputs of shape "
              "(3, 32, 32) with random labels (CIFAR-10 is not available here). Poorly scaled: normal:std=1.0 "
              "(too large) and normal:std=0.001 (too small).", "", f"![kept per layer]({png.name})", ""]
-    for row in rows:
-        n = len(next(iter(results[row].values())))
-        lines += [f"## {row} (% of each layer's weights kept)", "",
-                  "| init | " + " | ".join(f"L{j + 1}" for j in range(n)) + " |", "|---" * (n + 1) + "|"]
-        lines += [f"| {init} | " + " | ".join(f"{100 * k:.1f}" for k in kept) + " |"
-                  for init, kept in results[row].items()]
-        lines.append("")
-    lines.append(f"Wall time {time.time() - started:.0f} s.")
+    lines += _layer_tables(results, "% of each layer's weights kept", "init", lambda k: f"{100 * k:.1f}")
     data = {"sparsity": INIT_SPARSITY, "seed": seed, "batch": BATCH, "png": png.name, "kept": results}
-    md, _ = write_report(out, "\n".join(lines), data, provenance=provenance)
-    print(md.read_text())
+    publish_untrained(options.out, lines, data, provenance, started)
 
 
 @EXPERIMENTS.register("spp-sculpt")
@@ -153,31 +133,42 @@ def reproduce_spp_sculpt(options: ReproduceOptions) -> None:
         for s in SCULPT_SPARSITIES:
             mask = prune_at_init(model, "snip", sparsity=s, batches=batch, seed=seed)
             results[row][f"{s:.0%}"] = surviving_units(mask, layers)
-    out = Path(options.out)
-    png = png_beside(out)
-    fig = new_figure(4.5 * len(rows), 3.2)
-    for i, row in enumerate(rows):
-        ax = fig.add_subplot(1, len(rows), i + 1)
-        for label, widths in results[row].items():
-            ax.plot(range(1, len(widths) + 1), widths, marker="o", label=label)
-        ax.set_xlabel("hidden layer")
-        ax.set_ylabel("surviving units / channels")
-        ax.set_title(f"{row}: widths after SNIP", fontsize=8)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    save_png(fig, png)
+    png = _plot_layers(results, options.out, "hidden layer", "surviving units / channels", "widths after SNIP")
     lines = ["# Signal-propagation paper, experiment 6: the layer widths SNIP sculpts", "",
              f"SNIP ({SCULPT_INIT} initialisation, weights only, global top-kappa), nothing trained, seed {seed}. "
              "A unit (Linear output) or channel (Conv output) survives if it keeps some incoming and some "
              f"outgoing weight. mlp-7-tanh scored on {BATCH} MNIST images; vgg-like on {BATCH} Gaussian "
              "(3, 32, 32) inputs with random labels (no CIFAR-10 here).", "", f"![widths]({png.name})", ""]
-    for row in rows:
-        n = len(results[row]["dense"])
-        lines += [f"## {row} (surviving units per hidden layer)", "",
-                  "| sparsity | " + " | ".join(f"L{j + 1}" for j in range(n)) + " |", "|---" * (n + 1) + "|"]
-        lines += [f"| {label} | " + " | ".join(str(w) for w in widths) + " |" for label, widths in results[row].items()]
-        lines.append("")
-    lines.append(f"Wall time {time.time() - started:.0f} s.")
+    lines += _layer_tables(results, "surviving units per hidden layer", "sparsity", str)
     data = {"init": SCULPT_INIT, "seed": seed, "batch": BATCH, "png": png.name, "widths": results}
-    md, _ = write_report(out, "\n".join(lines), data, provenance=provenance)
-    print(md.read_text())
+    publish_untrained(options.out, lines, data, provenance, started)
+
+
+def _plot_layers(results: dict, out, xlabel: str, ylabel: str, title: str, scale: float = 1) -> Path:
+    """One panel per network, one line per label over the layers (``results[network][label]`` is
+    a value per layer, times ``scale``), written beside ``out``; returns the PNG's path."""
+    png = png_beside(Path(out))
+    fig = new_figure(4.5 * len(results), 3.2)
+    for i, (row, curves) in enumerate(results.items()):
+        ax = fig.add_subplot(1, len(results), i + 1)
+        for label, values in curves.items():
+            ax.plot(range(1, len(values) + 1), [scale * v for v in values], marker="o", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{row}: {title}", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_png(fig, png)
+    return png
+
+
+def _layer_tables(results: dict, what: str, first: str, fmt) -> list[str]:
+    """A Markdown table per network: a row per label, a column per layer, each value by ``fmt``."""
+    lines: list[str] = []
+    for row, curves in results.items():
+        n = len(next(iter(curves.values())))
+        lines += [f"## {row} ({what})", "", f"| {first} | " + " | ".join(f"L{j + 1}" for j in range(n)) + " |",
+                  "|---" * (n + 1) + "|"]
+        lines += [f"| {label} | " + " | ".join(fmt(v) for v in values) + " |" for label, values in curves.items()]
+        lines.append("")
+    return lines

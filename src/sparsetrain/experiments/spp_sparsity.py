@@ -23,11 +23,11 @@ from ..data import load_dataset, preprocess
 from ..errors import SparsetrainError
 from ..init import initialize_
 from ..masks import apply_mask_
-from ..measure import Provenance, write_report
+from ..measure import Provenance
 from ..models import create_model
 from ..pruning import prune_at_init
 from ..signal.jsv import input_output_jsv
-from .common import EXPERIMENTS, ReproduceOptions, untrained_rows
+from .common import EXPERIMENTS, ReproduceOptions, publish_untrained, untrained_rows
 from ..measure import new_figure, png_beside, save_png
 
 ROWS = ("mlp-7-linear", "mlp-7-tanh")
@@ -85,8 +85,6 @@ def reproduce_spp_jsv_sparsity(options: ReproduceOptions) -> None:
         lines += [f"## {row}", "", "| sparsity | mean | max | min | std |", "|---|---|---|---|---|"]
         lines += [f"| {s:.0%} | {st.mean:.4g} | {st.max:.4g} | {st.min:.4g} | {st.std:.4g} |" for s, st in stats.items()]
         lines.append("")
-    lines.append(f"Wall time {time.time() - started:.0f} s.")
     data = {"init": INIT, "seed": seed, "batch": BATCH, "examples": EXAMPLES, "png": png.name,
             "jsv": {row: {str(s): st.to_dict() for s, st in stats.items()} for row, stats in results.items()}}
-    md, _ = write_report(out, "\n".join(lines), data, provenance=provenance)
-    print(md.read_text())
+    publish_untrained(options.out, lines, data, provenance, started)
