@@ -49,7 +49,7 @@ def _numbers(text: str, kind, what: str) -> tuple:
 def _plan_flags(p) -> None:
     _dir_flag(p)
     p.add_argument("--workload", action="append", required=True,
-                   help="a dps-* recipe name or a TOML file with a [study] table (repeat for several)")
+                   help="a dps-* recipe name or a run-config TOML file with train.goal_error (repeat for several)")
     p.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes, e.g. 2,8,32,128,512")
     p.add_argument("--sparsities", required=True, help="comma-separated sparsities in [0, 1), 0 = dense, e.g. 0,0.7,0.9")
     p.add_argument("--trials", type=int, default=100, help="plan points per (batch size, sparsity) (default 100)")
