@@ -23,21 +23,30 @@ from sparsetrain.study import engine
 from sparsetrain.study.outcome import RUN_STATUS_OF, TRIAL_STATUSES, TrialOutcome, steps_to_result
 from sparsetrain.study.workloads import load_workload
 
-TINY = """
-model = "mlp-tiny"
+def workload_toml(*, model="mlp-tiny", shape=None, momentum=0.0, nesterov=None, weight_decay=0.0,
+                  schedule="constant", decay_every=None, end_lr_factor=None, iterations=150, goal=0.1) -> str:
+    """The study tests' workload on synthetic data: SNIP 50% on a 16-example batch, SGD at batch 32,
+    a check every 10 steps; ``shape`` (e.g. (1, 4, 4)) shrinks the images so that the classes
+    overlap; settings left None are not written (the recipe's defaults)."""
+    optional = {"nesterov": None if nesterov is None else str(nesterov).lower(),
+                "decay_every": decay_every, "end_lr_factor": end_lr_factor}
+    extra = "".join(f"{k} = {v}\n" for k, v in optional.items() if v is not None)
+    data = "" if shape is None else f"data_args = {{shape = {list(shape)}}}\n"
+    return f"""
+model = "{model}"
 dataset = "synthetic"
 seed = 0
-[prune]
+{data}[prune]
 method = "snip"
 sparsity = 0.5
 batches = 1
 batch_size = 16
 [train]
 optimizer = "sgd"
-momentum = 0.0
-weight_decay = 0.0
-schedule = "constant"
-iterations = {iterations}
+momentum = {momentum}
+weight_decay = {weight_decay}
+schedule = "{schedule}"
+{extra}iterations = {iterations}
 batch_size = 32
 checkpoint_every = 20
 val_every = 10
@@ -45,12 +54,12 @@ goal_error = {goal}
 """
 
 
-def tiny_workload(tmp_path, goal=0.1, iterations=150, name="tiny", model=None, hard=False):
-    text = TINY.format(goal=goal, iterations=iterations)
-    if model:
-        text = text.replace('"mlp-tiny"', f'"{model}"')
-    if hard:  # 4x4 images: the classes overlap, so no trial reaches a small goal error
-        text = text.replace("seed = 0", "seed = 0\ndata_args = {shape = [1, 4, 4]}")
+def tiny_workload(tmp_path, goal=0.1, iterations=150, name="tiny", model=None, hard=False, **settings):
+    """:func:`workload_toml` written to ``<name>.toml`` and loaded; ``hard``: 4x4 images, where the
+    classes overlap, so no trial reaches a small goal error."""
+    if hard:
+        settings.setdefault("shape", (1, 4, 4))
+    text = workload_toml(model=model or "mlp-tiny", iterations=iterations, goal=goal, **settings)
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
     return load_workload(path)

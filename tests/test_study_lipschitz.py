@@ -18,30 +18,8 @@ from sparsetrain.fsio import simulate_full_disk
 from sparsetrain.pipeline import build, init_under_mask, train_stage
 from sparsetrain.study import engine
 from sparsetrain.study.lipschitz import GAMMAS, LIPSCHITZ_FILE, LipschitzCurve, load_curves, measure_study
-from sparsetrain.study.workloads import load_workload
+from test_study_engine import tiny_workload
 from sparsetrain.train.loop import Callback
-
-TINY = """
-model = "mlp-tiny"
-dataset = "synthetic"
-seed = 0
-data_args = {shape = [1, 8, 8]}
-[prune]
-method = "snip"
-sparsity = 0.5
-batches = 1
-batch_size = 16
-[train]
-optimizer = "sgd"
-momentum = 0.0
-weight_decay = 0.0
-schedule = "constant"
-iterations = 200
-batch_size = 32
-checkpoint_every = 20
-val_every = 10
-goal_error = 0.1
-"""
 
 EXAMPLES, CHUNK, EVERY = 96, 40, 10  # a "full" batch of 96 examples in chunks of 40 (the last one 16)
 
@@ -50,10 +28,8 @@ def tiny_study(root, batch_sizes=(32,), sparsities=(0.0, 0.5), trials=2, easy=Fa
     """8 x 8 images: at B = 32 plan point 0 (learning rate 0.01) never reaches the goal and point 1
     (0.1) does, after 40 steps dense and 150 at sparsity 0.5 (``easy``: 28 x 28, point 0 reaches it).
     The study's one batch size keeps it fast; tests/test_study_engine.py covers several."""
-    path = root / "tiny.toml"
-    path.write_text(TINY.replace("data_args = {shape = [1, 8, 8]}\n", "") if easy else TINY)
-    spec = engine.StudySpec((load_workload(path),), batch_sizes, sparsities, trials, heartbeat_interval=1,
-                            grace_period=3)
+    workload = tiny_workload(root, iterations=200, shape=None if easy else (1, 8, 8))
+    spec = engine.StudySpec((workload,), batch_sizes, sparsities, trials, heartbeat_interval=1, grace_period=3)
     engine.plan(root / "study", spec)
     return root / "study"
 

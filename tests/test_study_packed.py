@@ -17,43 +17,15 @@ from sparsetrain.run import run
 from sparsetrain.store import RunStore
 from sparsetrain.study import engine, packed
 from sparsetrain.study.plan import plan_points
-from sparsetrain.study.workloads import load_workload
-
-RECIPE = """
-model = "{model}"
-dataset = "synthetic"
-seed = 0
-data_args = {{shape = {shape}}}
-[prune]
-method = "snip"
-sparsity = 0.5
-batches = 1
-batch_size = 16
-[train]
-optimizer = "sgd"
-momentum = {momentum}
-nesterov = {nesterov}
-weight_decay = {weight_decay}
-schedule = "{schedule}"
-decay_every = 50
-end_lr_factor = 0.1
-iterations = {iterations}
-batch_size = 32
-checkpoint_every = 20
-val_every = 10
-goal_error = {goal}
-"""
-
+from test_study_engine import tiny_workload
 
 def workload(tmp_path, *, model="mlp-tiny", shape=(1, 4, 4), momentum=0.0, nesterov=False, weight_decay=0.0,
              schedule="constant", iterations=100, goal=0.1):
     """A study workload on synthetic data; 4x4 images make the classes overlap, so that some
     trials reach the goal and others do not."""
-    text = RECIPE.format(model=model, shape=list(shape), momentum=momentum, nesterov=str(nesterov).lower(),
-                         weight_decay=weight_decay, schedule=schedule, iterations=iterations, goal=goal)
-    path = tmp_path / "workload.toml"
-    path.write_text(text)
-    return load_workload(path)
+    return tiny_workload(tmp_path, goal=goal, iterations=iterations, name="workload", model=model, shape=shape,
+                         momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule,
+                         decay_every=50, end_lr_factor=0.1)
 
 
 class FakeTrial:
