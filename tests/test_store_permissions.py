@@ -60,6 +60,18 @@ def _as_nobody(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def nobody_can_import_sparsetrain():
+    """Skip, saying why, where 'nobody' cannot read the checkout (a clone inside a ``mktemp -d``
+    folder, mode 700): the reader would fail on the import, not on the store."""
+    done = _as_nobody("-c", "import sparsetrain")
+    if done.returncode != 0 and ("ModuleNotFoundError" in done.stderr or "PermissionError" in done.stderr):
+        import sparsetrain
+
+        pytest.skip(f"the user 'nobody' cannot import sparsetrain from {Path(sparsetrain.__file__).parent}: a "
+                    "folder on that path is closed to others; chmod o+rx it to run these tests")
+
+
 def test_a_read_only_store_lists_and_refuses_writes_saying_why(shared_store):
     script = f"""
 from sparsetrain.errors import SparsetrainError
