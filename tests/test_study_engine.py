@@ -197,6 +197,37 @@ def test_early_stop_never_changes_k_star_or_the_best_trial(reference, tmp_path):
             assert o.curve[-1][0] >= k_stars(reference)[o.point]
 
 
+def test_a_point_tries_first_the_best_plan_index_of_the_nearest_point(tmp_path):
+    # Outcomes told by hand (no training): each claimed trial is recorded with the steps below.
+    folder = tmp_path / "study"
+    engine.plan(folder, spec_of(tiny_workload(tmp_path), batch_sizes=(8, 32, 512), sparsities=(0.0, 0.5)))
+
+    def claim_and_record(opened, steps_by_index):
+        point, study, trial_id = engine._claim(opened)
+        index = study._storage.get_trial(trial_id).user_attrs["plan_index"]
+        steps = steps_by_index[index]
+        engine.record_trial(study, optuna.Trial(study, trial_id), index,
+                            "complete" if steps else "incomplete", steps, f"run{index}", [])
+        return point[1:], index
+
+    with engine.open_study(folder) as opened:
+        # the first point has nothing to go by: plan order; index 2 is its best
+        assert [claim_and_record(opened, {0: 300, 1: None, 2: 100}) for _ in range(3)] == [
+            ((8, 0.0), 0), ((8, 0.0), 1), ((8, 0.0), 2)]
+        # same batch size, other sparsity: index 2 first, then plan order; here index 1 is best
+        assert [claim_and_record(opened, {0: None, 1: 40, 2: 60}) for _ in range(3)] == [
+            ((8, 0.5), 2), ((8, 0.5), 0), ((8, 0.5), 1)]
+        # B = 32 is two doublings from B = 8 at both sparsities: the same sparsity decides
+        assert engine.hinted_index(opened, opened.spec.workloads[0], 32, 0.0) == 2
+        assert engine.hinted_index(opened, opened.spec.workloads[0], 32, 0.5) == 1
+        # at (32, 0.0) indexes 2 and 0 both take 90 steps: the tie goes to index 0, and B = 512
+        # takes its hint from B = 32 (two doublings away) rather than B = 8 (six)
+        assert claim_and_record(opened, {2: 90}) == ((32, 0.0), 2)
+        assert claim_and_record(opened, {0: 90}) == ((32, 0.0), 0)
+        assert engine.hinted_index(opened, opened.spec.workloads[0], 512, 0.0) == 0
+        assert engine.hinted_index(opened, opened.spec.workloads[0], 512, 0.5) == 0  # nearer in B first
+
+
 # ----------------------------------------------------------------------------- interruptions
 
 
@@ -207,13 +238,13 @@ def test_interrupted_study_resumes_to_the_same_outcomes(reference, tmp_path, mon
 
     real_on_eval, hits = engine.TrialWatch.on_eval, []
 
-    def ctrl_c_at_step_30(self, step, metrics):  # Ctrl-C inside the next trial, mid-training
-        if step == 30 and not hits:
+    def ctrl_c_at_step_10(self, step, metrics):  # Ctrl-C inside the next trial, at its first check
+        if step == 10 and not hits:
             hits.append(step)
             raise KeyboardInterrupt
         return real_on_eval(self, step, metrics)
 
-    monkeypatch.setattr(engine.TrialWatch, "on_eval", ctrl_c_at_step_30)
+    monkeypatch.setattr(engine.TrialWatch, "on_eval", ctrl_c_at_step_10)
     with pytest.raises(KeyboardInterrupt):
         engine.work_loop(folder)
     rows = engine.status_rows(folder)
@@ -221,7 +252,7 @@ def test_interrupted_study_resumes_to_the_same_outcomes(reference, tmp_path, mon
     engine.work_loop(folder, max_trials=2)
     engine.work_loop(folder)
     resumed = engine.outcomes(folder)
-    assert hits == [30]
+    assert hits == [10]
     assert k_stars(resumed) == k_stars(reference)
     assert [(o.point, o.plan_index, o.status, o.steps_to_result, o.curve) for o in resumed] == [
         (o.point, o.plan_index, o.status, o.steps_to_result, o.curve) for o in reference]

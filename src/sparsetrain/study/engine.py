@@ -647,9 +647,40 @@ def give_back(study, trial_id: int) -> None:
 # ----------------------------------------------------------------------------- workers
 
 
+def _best_index(study) -> int | None:
+    """The plan index of a point's best complete trial so far (fewest steps, ties to the lowest
+    plan index), or None."""
+    import optuna
+
+    done = [(t.value, t.user_attrs.get("plan_index", 0))
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)]
+    return min(done)[1] if done else None
+
+
+def hinted_index(opened: OpenStudy, workload: Workload, batch_size: int, sparsity: float) -> int | None:
+    """The plan index to try first at a point: the best one so far at the nearest other point of
+    the same workload (nearest batch size on a log scale, then nearest sparsity) that has a complete
+    trial; None if none has. Every point has the same plan, so that index has the same
+    metaparameters here, and is likely near the best: finished first, its steps-to-result bounds
+    every other trial of the point through the early stop. Without it a point's first trials run
+    unbounded (the plan starts at learning rate 0.01: thousands of steps at large batch sizes).
+    Order changes cost only: K* and the best trial do not depend on the order trials finish in."""
+    best = None
+    for w, b, s in opened.spec.points():
+        if w.name != workload.name or (b, s) == (batch_size, sparsity):
+            continue
+        index = _best_index(opened.point_study(w, b, s))
+        rank = (abs(math.log2(b / batch_size)), abs(s - sparsity))
+        if index is not None and (best is None or rank < best[0]):
+            best = (rank, index)
+    return None if best is None else best[1]
+
+
 def _claim(opened: OpenStudy):
-    """Take the next waiting trial (points in spec order, lowest plan index first) after failing
-    stale ones (so their retries are waiting too): ``(point, study, trial_id)``, or None."""
+    """Take the next waiting trial after failing stale ones (so their retries are waiting too):
+    points in spec order; within a point the :func:`hinted_index` first, then the lowest plan
+    index. Returns ``(point, study, trial_id)``, or None."""
     import optuna
     from optuna.exceptions import ExperimentalWarning
 
@@ -660,7 +691,9 @@ def _claim(opened: OpenStudy):
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        for t in sorted(waiting, key=lambda t: (t.user_attrs.get("plan_index", 0), t.number)):
+        hint = hinted_index(opened, workload, batch_size, sparsity) if waiting else None
+        for t in sorted(waiting, key=lambda t: (t.user_attrs.get("plan_index", 0) != hint,
+                                                t.user_attrs.get("plan_index", 0), t.number)):
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):
                     return (workload, batch_size, sparsity), study, t._trial_id
