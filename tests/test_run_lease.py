@@ -28,7 +28,7 @@ from sparsetrain.store import RunStore
 from sparsetrain.train.loop import Callback
 
 # ``sparsetrain.run`` the attribute is the function (re-exported by the package); the module by name.
-_combined_key = importlib.import_module("sparsetrain.run")._combined_key
+combined_key = importlib.import_module("sparsetrain.run").combined_key
 
 
 def tiny(iterations: int = 40) -> RunConfig:
@@ -233,7 +233,7 @@ def test_a_run_with_a_mask_file_records_the_masks_method_and_real_sparsity(tmp_p
     store = RunStore(tmp_path / "store")
     outcome = run(config, store=store, progress=False, mask=mask)
 
-    assert outcome.key == _combined_key(config, mask), "the key is unchanged"
+    assert outcome.key == combined_key(config, mask), "the key is unchanged"
     recorded = store.get(outcome.key).config
     assert recorded["prune"]["method"] == "random" and recorded["prune"]["sparsity"] == pytest.approx(real_sparsity)
     assert recorded["mask"]["source"] == mask.metadata["source"] and str(path) in recorded["mask"]["source"]

@@ -105,7 +105,7 @@ def run(
                                   progress=progress, download=download, group=group, parent=parent,
                                   callbacks=callbacks, wait=wait)
     key = run_key(config, mask) if parallel is None else parallel.run_key(config, run_key(config, mask))
-    config, recorded = _what_is_trained(config, mask)
+    config, recorded = what_is_trained(config, mask)
     return run_recorded(config, key, recorded, store=store, data_dir=data_dir, device=device, force=force,
                         progress=progress, download=download, mask=mask, group=group, parent=parent,
                         callbacks=callbacks, wait=wait, parallel=parallel)
@@ -114,7 +114,7 @@ def run(
 def run_key(config: RunConfig, mask: Mask | None = None) -> str:
     """The key :func:`run` records ``config`` under: ``config.key()``, combined with the mask's
     content when a mask is given."""
-    return config.key() if mask is None else _combined_key(config, mask)
+    return config.key() if mask is None else combined_key(config, mask)
 
 
 def run_recorded(
@@ -181,7 +181,7 @@ def recorded_outcome(store: RunStore, key: str, config: RunConfig, mask: Mask | 
     record = store.get(key)
     if record is None or record.status not in TERMINAL_STATUSES:
         return None
-    return _reused(key, _what_is_trained(config, mask)[0], record)
+    return _reused(key, what_is_trained(config, mask)[0], record)
 
 
 def _record_end(store: RunStore, lease: HeldLease, key: str, error: str, status: str) -> None:
@@ -216,7 +216,7 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _what_is_trained(config: RunConfig, mask: Mask | None) -> tuple[RunConfig, dict[str, Any]]:
+def what_is_trained(config: RunConfig, mask: Mask | None) -> tuple[RunConfig, dict[str, Any]]:
     """The config as it describes the trained network, and the dict recorded in the store.
 
     With a given mask, the config's pruning defaults say nothing true: the method comes from the
@@ -233,7 +233,9 @@ def _what_is_trained(config: RunConfig, mask: Mask | None) -> tuple[RunConfig, d
     return config.replace(prune={"method": method, "sparsity": sparsity}), record
 
 
-def _combined_key(config: RunConfig, mask: Mask) -> str:
+def combined_key(config: RunConfig, mask: Mask) -> str:
+    """The key of ``config`` trained under a given ``mask``: its key hashed with the mask's names
+    and bits, so that one config under two masks is two runs."""
     digest = hashlib.sha256(config.key().encode())
     for name in sorted(mask):
         digest.update(name.encode())

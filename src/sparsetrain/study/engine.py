@@ -491,7 +491,7 @@ def classify(run_status: str, curve: list[tuple[int, float]], goal_error: float)
     raise SparsetrainError(f"a trial's run ended as {run_status!r}, which is not an end: it should have resumed")
 
 
-def _best_known(study) -> int | None:
+def best_known(study) -> int | None:
     """The fewest steps-to-result over the point's complete trials so far (None: none yet)."""
     import optuna
 
@@ -501,7 +501,7 @@ def _best_known(study) -> int | None:
 
 
 @contextlib.contextmanager
-def _heartbeat(storage, trial_id: int, interval: float):
+def beating(storage, trial_id: int, interval: float):
     """Beat ``trial_id``'s heartbeat every ``interval`` seconds while the block runs."""
     storage.record_heartbeat(trial_id)
     stop = threading.Event()
@@ -550,7 +550,7 @@ def shared_mask(folder: Path, config, *, data_dir=None, device=None):
     return load_mask(path)
 
 
-def _suggest(trial, params: dict[str, Any]) -> dict[str, Any]:
+def suggest_params(trial, params: dict[str, Any]) -> dict[str, Any]:
     """Record the enqueued values as the trial's parameters (with their ranges, for the dashboard)."""
     out = {}
     for name in params:
@@ -576,12 +576,12 @@ def run_trial(folder: Path, spec: StudySpec, workload: Workload, batch_size: int
     trial = optuna.Trial(study, trial_id)
     frozen = study._storage.get_trial(trial_id)
     index = frozen.user_attrs["plan_index"]
-    params = _suggest(trial, frozen.system_attrs.get("fixed_params", {}))
+    params = suggest_params(trial, frozen.system_attrs.get("fixed_params", {}))
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     config = workload.trial_config(batch_size, sparsity, params, seed=index)
     store = RunStore(folder / RUNS_DIR)
-    watch = TrialWatch(trial, workload.goal_error, lambda: _best_known(study), spec.early_stop)
-    with _heartbeat(study._storage, trial_id, spec.heartbeat_interval):
+    watch = TrialWatch(trial, workload.goal_error, lambda: best_known(study), spec.early_stop)
+    with beating(study._storage, trial_id, spec.heartbeat_interval):
         try:
             mask = shared_mask(folder, config, data_dir=data_dir, device=device)
             ran = run(config, store=store, data_dir=data_dir, device=device, progress=None, mask=mask,

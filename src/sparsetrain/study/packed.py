@@ -636,7 +636,7 @@ def work_claimed(opened, claimed, pack, *, data_dir=None, device=None) -> int:
     frozen = study._storage.get_trial(trial_id)
     config = workload.trial_config(batch_size, sparsity, frozen.system_attrs.get("fixed_params", {}),
                                    seed=frozen.user_attrs["plan_index"])
-    with engine._heartbeat(study._storage, trial_id, opened.spec.heartbeat_interval):
+    with engine.beating(study._storage, trial_id, opened.spec.heartbeat_interval):
         mask = engine.shared_mask(opened.folder, config, data_dir=data_dir, device=device)
         size = _decide(opened, workload, batch_size, sparsity, study, pack, mask, data_dir=data_dir, device=device)
         ids = [trial_id] + (_claim_more(opened.storage, study, size - 1) if size > 1 else [])
@@ -661,7 +661,7 @@ def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_
     import optuna
 
     from sparsetrain.pipeline import layer_table, overall
-    from sparsetrain.run import _combined_key, _what_is_trained
+    from sparsetrain.run import run_key, what_is_trained
     from sparsetrain.store import TERMINAL_STATUSES, RunStatus, RunStore
     from sparsetrain.study import engine
 
@@ -673,18 +673,18 @@ def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_
     done: set[int] = set()  # trial ids recorded
     with contextlib.ExitStack() as stack:
         for tid in trial_ids:
-            stack.enter_context(engine._heartbeat(storage, tid, spec.heartbeat_interval))
+            stack.enter_context(engine.beating(storage, tid, spec.heartbeat_interval))
         members: list[Member] = []
         try:
             for tid in trial_ids:
                 trial = optuna.Trial(study, tid)
                 frozen = storage.get_trial(tid)
                 index = frozen.user_attrs["plan_index"]
-                params = engine._suggest(trial, frozen.system_attrs.get("fixed_params", {}))
+                params = engine.suggest_params(trial, frozen.system_attrs.get("fixed_params", {}))
                 trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
                 config = workload.trial_config(batch_size, sparsity, params, seed=index)
                 mask = engine.shared_mask(folder, config, data_dir=data_dir, device=device)
-                key = config.key() if mask is None else _combined_key(config, mask)
+                key = run_key(config, mask)
                 try:
                     lease = store.take_lease(key)
                 except SparsetrainError:  # trained by another process now: run_trial waits for it
@@ -698,10 +698,10 @@ def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_
                     continue
                 if record is not None:  # a packed attempt that was killed: nothing to resume, start over
                     store.delete(key)
-                _, recorded = _what_is_trained(config, mask)
+                _, recorded = what_is_trained(config, mask)
                 store.begin(key, recorded, config.seed, name=config.name, group=group)
                 open_runs[tid] = (trial, key, lease)
-                watch = engine.TrialWatch(trial, workload.goal_error, lambda: engine._best_known(study),
+                watch = engine.TrialWatch(trial, workload.goal_error, lambda: engine.best_known(study),
                                           spec.early_stop)
                 end = _Recorder(store, study, trial, index, key, watch, workload, open_runs, done, tid)
                 members.append(Member(config, mask, [watch], _logger(store, key, lease), end))
