@@ -117,3 +117,36 @@ def test_block_structure_holds_in_every_round(monkeypatch, method):
     for before, after in zip(rounds, rounds[1:]):
         for name in before:
             assert not bool((after[name] & ~before[name]).any()), name
+
+
+# ----------------------------------------------------------------------------- prune_at_levels
+
+
+@pytest.mark.parametrize("method", ["snip", "random", "magnitude", "grasp"])
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_prune_at_levels_equals_one_prune_at_init_per_sparsity(method, scope):
+    from sparsetrain.pruning import prune_at_levels
+
+    levels = [0.5, 0.9, 0.75]
+    batches = None if method in ("random", "magnitude") else _data()
+    masks = prune_at_levels(_tiny(), method, levels, batches=batches, scope=scope, seed=3)
+    for level, mask in zip(levels, masks):
+        alone = prune_at_init(_tiny(), method, sparsity=level, batches=batches, scope=scope, seed=3)
+        assert sorted(mask) == sorted(alone)
+        assert all(torch.equal(mask[n], alone[n]) for n in alone), (method, scope, level)
+        kept = sum(int(m.sum()) for m in mask.values())
+        total = sum(m.numel() for m in mask.values())
+        assert kept == total - round(level * total) if scope == "global" else kept < total
+
+
+@pytest.mark.parametrize("method, changes", [
+    ("force", {}), ("iter-snip", {}), ("synflow", {}),  # rounds of their own towards the sparsity
+    ("snip", {"rounds": 3}), ("snip", {"structure": "2:4"}),
+])
+def test_prune_at_levels_refuses_what_scores_towards_a_sparsity(method, changes):
+    from sparsetrain.errors import SparsetrainError
+    from sparsetrain.pruning import prune_at_levels
+
+    batches = None if method == "synflow" else _data()
+    with pytest.raises(SparsetrainError, match="call prune_at_init once per sparsity"):
+        prune_at_levels(_tiny(), method, [0.5, 0.9], batches=batches, **changes)

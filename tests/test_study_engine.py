@@ -129,6 +129,30 @@ def test_trials_share_one_mask_per_seed_and_sparsity(reference, tmp_path):
     assert len({next(iter(shas)) for shas in by_seed.values()}) == 3  # each seed its own mask
 
 
+def test_one_scoring_finds_a_seeds_masks_at_every_sparsity(tmp_path):
+    from sparsetrain.masks import load_mask
+    from sparsetrain.pipeline import build, find_mask
+
+    workload = tiny_workload(tmp_path)
+    folder = tmp_path / "study"
+    engine.plan(folder, spec_of(workload, batch_sizes=(8,), sparsities=(0.0, 0.5, 0.8), trials=2))
+    assert engine.work_loop(folder, max_trials=3) == 3  # dense 0 and 1, then s = 0.5 plan index 0
+    masks = sorted((folder / engine.MASKS_DIR).iterdir())
+    assert len(masks) == 2  # the trial's seed at 0.5, and at 0.8 found with it
+
+    def config_of(sparsity, seed):
+        return engine.mask_config(workload.trial_config(8, sparsity, {"learning_rate": 0.1}, seed=seed))
+
+    # the seed is the plan index the point took first (the hint may pick index 1)
+    seeds = [i for i in (0, 1) if (folder / engine.MASKS_DIR / f"{config_of(0.5, i).key()}.safetensors").exists()]
+    assert len(seeds) == 1
+    for sparsity in (0.5, 0.8):  # each as find_mask gives it alone, scored again here
+        config = config_of(sparsity, seeds[0])
+        alone = find_mask(config, build(config))
+        saved = load_mask(folder / engine.MASKS_DIR / f"{config.key()}.safetensors")
+        assert sorted(saved) == sorted(alone) and all(torch.equal(saved[n], alone[n]) for n in alone)
+
+
 def test_reference_study_records_statuses_curves_and_optuna_states(reference, tmp_path):
     assert len(reference) == 6 and sorted(o.plan_index for o in reference) == [0, 0, 1, 1, 2, 2]
     for o in reference:

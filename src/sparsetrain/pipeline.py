@@ -35,7 +35,7 @@ from .init import INITS, initialize_
 from .mask_stats import layer_costs
 from .masks import GradientMask, Mask, apply_mask_, mask_summary
 from .models import MODELS, check_model_args, create_model
-from .pruning import METHODS, method_options, prune_at_init
+from .pruning import METHODS, method_options, prune_at_init, prune_at_levels
 from .pruning.after_training import (
     AFTER_TRAINING, after_training_options, after_training_sparsities, check_rewind,
 )
@@ -268,8 +268,7 @@ def find_mask(config: RunConfig, built: Built, parallel=None) -> Mask | None:
             f"method {p.method!r} prunes a trained network, so there is no mask to find at initialization: "
             f"train it with `sparsetrain run --method {p.method}` (sparsetrain.run), whose runs keep their masks"
         )
-    data_free = getattr(METHODS.get(p.method), "data_free", False)
-    batches = None if data_free else pruning_batches(scoring_loaders(config, built), p.batches, p.batch_size)
+    data_free, batches = _scoring_batches(config, built)
     scoring = contextlib.nullcontext()
     if parallel is not None:
         parallel.check_method(p.method, data_free)
@@ -281,12 +280,36 @@ def find_mask(config: RunConfig, built: Built, parallel=None) -> Mask | None:
     return shuffle_layerwise(mask, config.seed) if p.shuffle else mask
 
 
-def _prune(config: RunConfig, built: Built, batches) -> Mask:
+def find_masks(config: RunConfig, built: Built, sparsities) -> list[Mask]:
+    """:func:`find_mask` of ``config`` at each sparsity of ``sparsities`` (its own prune.sparsity
+    aside), from one scoring (:func:`sparsetrain.pruning.prune_at_levels`: one-round, unstructured
+    pruning by a method whose scores do not depend on the sparsity, such as SNIP; refused
+    otherwise). Each mask equals what find_mask returns for ``config`` at that sparsity."""
     p = config.prune
-    return prune_at_init(
-        built.model,
-        p.method,
-        sparsity=p.sparsity,
+    if p.method == DENSE or p.method in AFTER_TRAINING:
+        raise SparsetrainError(f"find_masks needs a method that prunes at initialization; got {p.method!r}")
+    masks = _prune(config, built, _scoring_batches(config, built)[1], levels=list(sparsities))
+    return [shuffle_layerwise(m, config.seed) if p.shuffle else m for m in masks]
+
+
+def _scoring_batches(config: RunConfig, built: Built):
+    """Whether the method is data-free, and the pruning batches it scores on (None if it is)."""
+    p = config.prune
+    data_free = getattr(METHODS.get(p.method), "data_free", False)
+    return data_free, None if data_free else pruning_batches(scoring_loaders(config, built), p.batches, p.batch_size)
+
+
+def _prune(config: RunConfig, built: Built, batches, levels=None):
+    """``prune_at_init`` with the config's settings; with ``levels``, ``prune_at_levels`` at those."""
+    p = config.prune
+    if levels is not None:
+        return prune_at_levels(built.model, p.method, levels, **_prune_settings(config, batches))
+    return prune_at_init(built.model, p.method, sparsity=p.sparsity, **_prune_settings(config, batches))
+
+
+def _prune_settings(config: RunConfig, batches) -> dict:
+    p = config.prune
+    return dict(
         batches=batches,
         include_biases=p.include_biases,
         exclude=list(p.exclude) or None,

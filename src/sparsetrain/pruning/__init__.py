@@ -21,7 +21,7 @@ from . import baselines, snip  # noqa: F401  (importing the methods registers th
 from . import force, grasp, synflow  # noqa: F401  (GraSP, SynFlow, iterative SNIP, FORCE)
 from . import snip_unsupervised  # noqa: F401  (SNIP from a label-free loss)
 from .axes import input_dims
-from .prune import as_batches, prune_at_init
+from .prune import as_batches, prune_at_init, prune_at_levels, scores_once
 from .registry import (
     METHODS,
     MethodSpec,
@@ -53,6 +53,8 @@ __all__ = [
     "method_spec",
     "parse_structure",
     "prune_at_init",
+    "prune_at_levels",
+    "scores_once",
     "register_method",
     "round_sparsities",
     "select_structured",

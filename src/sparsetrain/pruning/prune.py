@@ -48,6 +48,7 @@ def prune_at_init(
     options: Mapping[str, Any] | Any | None = None,
     rounds: int = 1,
     schedule: str | Sequence[float] = "exponential",
+    scores_out: dict | None = None,
 ) -> Mask:
     """Return a :class:`~sparsetrain.masks.Mask` (``{parameter name: bool tensor}``) keeping
     ``1 - sparsity`` of the prunable connections of ``model`` by ``method``'s scores. The model is
@@ -75,6 +76,8 @@ def prune_at_init(
     along ``schedule`` (``"exponential"``, ``"linear"`` or a list of sparsities), each scored under
     the mask of the round before; entries once pruned stay pruned. Each round reads the batches
     again: a loader is iterated once per round, a one-shot iterator is kept in memory.
+    ``scores_out``: a dict that receives the last round's scores (:func:`prune_at_levels` selects
+    other sparsities from them).
     """
     layout = parse_structure(structure)
     sparsity = check_sparsity(sparsity) if layout is None else structured_sparsity(layout, sparsity)
@@ -113,11 +116,42 @@ def prune_at_init(
         scores = _checked_scores(method, scores, named)
         if k > 0:
             scores = never_revive(scores, mask)
+        if scores_out is not None and k == len(steps) - 1:
+            scores_out.clear()
+            scores_out.update(scores)
         if layout is None:
             mask = select_top(scores, step, scope)
         else:
             mask = select_structured(scores, layout, step, scope, dims)
     return Mask(mask, left_out=left_out, notes=notes if layout is not None else {})
+
+
+def scores_once(method: str, options: Mapping[str, Any] | Any | None = None) -> bool:
+    """Whether ``method`` (with ``options``) scores once, in a way that does not depend on the
+    sparsity it selects at: false for a method that runs rounds of its own towards that sparsity
+    (``iter-snip``, ``force``, ``synflow``: an options field ``rounds`` above 1)."""
+    return getattr(method_options(method, options), "rounds", 1) <= 1
+
+
+def prune_at_levels(model: nn.Module, method: str, sparsities: Sequence[float], **kwargs: Any) -> list[Mask]:
+    """One :class:`~sparsetrain.masks.Mask` per sparsity of ``sparsities`` from one scoring: each
+    the mask :func:`prune_at_init` (same ``kwargs``) returns at that sparsity, for the cost of one.
+    For one-round, unstructured pruning by a method that :func:`scores_once` (SNIP's scores, say,
+    do not depend on the sparsity: a study pruning at 0.7 and 0.9 sums SNIP's gradient over the
+    training split once). The method is called at the highest sparsity."""
+    levels = [check_sparsity(s) for s in sparsities]
+    if not levels:
+        raise SparsetrainError("prune_at_levels needs at least one sparsity")
+    if kwargs.get("rounds", 1) != 1 or kwargs.get("structure") or not scores_once(method, kwargs.get("options")):
+        raise SparsetrainError(
+            f"prune_at_levels selects every sparsity from one round of unstructured scores; {method!r} with "
+            f"rounds={kwargs.get('rounds', 1)}, structure={kwargs.get('structure', '')!r} and its options scores "
+            "towards each sparsity in rounds: call prune_at_init once per sparsity"
+        )
+    scores: dict[str, torch.Tensor] = {}
+    top = prune_at_init(model, method, sparsity=max(levels), scores_out=scores, **kwargs)
+    scope = kwargs.get("scope", "global")
+    return [top if s == max(levels) else Mask(select_top(scores, s, scope), left_out=top.left_out) for s in levels]
 
 
 def _checked_scores(method: str, scores: Any, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

@@ -531,23 +531,40 @@ def mask_config(config):
                                  "decay_every": 1, "end_lr_factor": 0.0, "schedule": "constant"})
 
 
-def shared_mask(folder: Path, config, *, data_dir=None, device=None):
+def shared_mask(folder: Path, config, *, sparsities=(), data_dir=None, device=None):
     """The mask of ``config`` (a trial's run config) from ``folder/masks``, found and written there
     first if missing: one SNIP per (seed, sparsity) for the whole study instead of one per trial.
-    None for a dense trial. Two workers finding the same mask at once write the same bytes."""
+    None for a dense trial. Two workers finding the same mask at once write the same bytes.
+
+    ``sparsities``: the study's; when this mask is missing, those of its other masks for the same
+    seed that are missing too are found with it from one scoring where the method's scores do not
+    depend on the sparsity (:func:`sparsetrain.pipeline.find_masks`; SNIP: one gradient summed
+    over the training split for sparsities 0.7 and 0.9, not two)."""
     from sparsetrain.masks import load_mask, save_mask
-    from sparsetrain.pipeline import DENSE, build, find_mask
+    from sparsetrain.pipeline import DENSE, build, find_mask, find_masks
+    from sparsetrain.pruning import scores_once
 
     if config.prune.method == DENSE:
         return None
     source = mask_config(config)
-    path = folder / MASKS_DIR / f"{source.key()}.safetensors"
-    if not path.exists():
+
+    def path_of(c):
+        return folder / MASKS_DIR / f"{c.key()}.safetensors"
+
+    if not path_of(source).exists():
         built = build(source, data_dir=data_dir, device=device)
-        mask = find_mask(source, built)
-        save_mask(path, mask, {"key": source.key(), "model": source.model}, model=built.model,
-                  method=source.prune.method)
-    return load_mask(path)
+        p = source.prune
+        others = [source.replace(prune={"sparsity": float(s)}) for s in sorted(set(sparsities))
+                  if 0 < float(s) != p.sparsity]
+        others = [c for c in others if not path_of(c).exists()]
+        if others and p.rounds == 1 and not p.structure and scores_once(p.method, p.options or None):
+            configs = [source, *others]
+            masks = find_masks(source, built, [c.prune.sparsity for c in configs])
+        else:
+            configs, masks = [source], [find_mask(source, built)]
+        for c, mask in zip(configs, masks):
+            save_mask(path_of(c), mask, {"key": c.key(), "model": c.model}, model=built.model, method=p.method)
+    return load_mask(path_of(source))
 
 
 def suggest_params(trial, params: dict[str, Any]) -> dict[str, Any]:
@@ -583,7 +600,7 @@ def run_trial(folder: Path, spec: StudySpec, workload: Workload, batch_size: int
     watch = TrialWatch(trial, workload.goal_error, lambda: best_known(study), spec.early_stop)
     with beating(study._storage, trial_id, spec.heartbeat_interval):
         try:
-            mask = shared_mask(folder, config, data_dir=data_dir, device=device)
+            mask = shared_mask(folder, config, sparsities=spec.sparsities, data_dir=data_dir, device=device)
             ran = run(config, store=store, data_dir=data_dir, device=device, progress=None, mask=mask,
                       group=("study", group_name or folder.resolve().name), callbacks=[watch], wait=True)
         except KeyboardInterrupt:

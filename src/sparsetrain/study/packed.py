@@ -637,7 +637,8 @@ def work_claimed(opened, claimed, pack, *, data_dir=None, device=None) -> int:
     config = workload.trial_config(batch_size, sparsity, frozen.system_attrs.get("fixed_params", {}),
                                    seed=frozen.user_attrs["plan_index"])
     with engine.beating(study._storage, trial_id, opened.spec.heartbeat_interval):
-        mask = engine.shared_mask(opened.folder, config, data_dir=data_dir, device=device)
+        mask = engine.shared_mask(opened.folder, config, sparsities=opened.spec.sparsities, data_dir=data_dir,
+                                  device=device)
         size = _decide(opened, workload, batch_size, sparsity, study, pack, mask, data_dir=data_dir, device=device)
         ids = [trial_id] + (_claim_more(opened.storage, study, size - 1) if size > 1 else [])
     kwargs = {"data_dir": data_dir, "device": device, "group_name": opened.name}
@@ -683,7 +684,7 @@ def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_
                 params = engine.suggest_params(trial, frozen.system_attrs.get("fixed_params", {}))
                 trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
                 config = workload.trial_config(batch_size, sparsity, params, seed=index)
-                mask = engine.shared_mask(folder, config, data_dir=data_dir, device=device)
+                mask = engine.shared_mask(folder, config, sparsities=spec.sparsities, data_dir=data_dir, device=device)
                 key = run_key(config, mask)
                 try:
                     lease = store.take_lease(key)
