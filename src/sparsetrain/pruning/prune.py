@@ -126,11 +126,14 @@ def prune_at_init(
     return Mask(mask, left_out=left_out, notes=notes if layout is not None else {})
 
 
-def scores_once(method: str, options: Mapping[str, Any] | Any | None = None) -> bool:
-    """Whether ``method`` (with ``options``) scores once, in a way that does not depend on the
-    sparsity it selects at: false for a method that runs rounds of its own towards that sparsity
-    (``iter-snip``, ``force``, ``synflow``: an options field ``rounds`` above 1)."""
-    return getattr(method_options(method, options), "rounds", 1) <= 1
+def scores_once(method: str, options: Mapping[str, Any] | Any | None = None, rounds: int = 1,
+                structure: str = "") -> bool:
+    """Whether pruning by ``method`` (with ``options``, ``rounds`` and ``structure`` as
+    :func:`prune_at_init` takes them) scores once, unstructured, in a way that does not depend on
+    the sparsity it selects at: false with several rounds or a structure, and for a method that
+    runs rounds of its own towards that sparsity (``iter-snip``, ``force``, ``synflow``: an options
+    field ``rounds`` above 1)."""
+    return rounds == 1 and not structure and getattr(method_options(method, options), "rounds", 1) <= 1
 
 
 def prune_at_levels(model: nn.Module, method: str, sparsities: Sequence[float], **kwargs: Any) -> list[Mask]:
@@ -142,7 +145,7 @@ def prune_at_levels(model: nn.Module, method: str, sparsities: Sequence[float], 
     levels = [check_sparsity(s) for s in sparsities]
     if not levels:
         raise SparsetrainError("prune_at_levels needs at least one sparsity")
-    if kwargs.get("rounds", 1) != 1 or kwargs.get("structure") or not scores_once(method, kwargs.get("options")):
+    if not scores_once(method, kwargs.get("options"), kwargs.get("rounds", 1), kwargs.get("structure", "")):
         raise SparsetrainError(
             f"prune_at_levels selects every sparsity from one round of unstructured scores; {method!r} with "
             f"rounds={kwargs.get('rounds', 1)}, structure={kwargs.get('structure', '')!r} and its options scores "

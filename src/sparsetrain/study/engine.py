@@ -491,13 +491,21 @@ def classify(run_status: str, curve: list[tuple[int, float]], goal_error: float)
     raise SparsetrainError(f"a trial's run ended as {run_status!r}, which is not an end: it should have resumed")
 
 
-def best_known(study) -> int | None:
-    """The fewest steps-to-result over the point's complete trials so far (None: none yet)."""
+def _best_complete(study) -> tuple[float, int] | None:
+    """The point's best complete trial so far as (steps-to-result, plan index): fewest steps, ties
+    to the lowest plan index; None if none has reached the goal."""
     import optuna
 
-    values = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-              if t.value is not None and math.isfinite(t.value)]
-    return int(min(values)) if values else None
+    done = [(t.value, t.user_attrs.get("plan_index", 0))
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)]
+    return min(done) if done else None
+
+
+def best_known(study) -> int | None:
+    """The fewest steps-to-result over the point's complete trials so far (None: none yet)."""
+    best = _best_complete(study)
+    return None if best is None else int(best[0])
 
 
 @contextlib.contextmanager
@@ -557,7 +565,7 @@ def shared_mask(folder: Path, config, *, sparsities=(), data_dir=None, device=No
         others = [source.replace(prune={"sparsity": float(s)}) for s in sorted(set(sparsities))
                   if 0 < float(s) != p.sparsity]
         others = [c for c in others if not path_of(c).exists()]
-        if others and p.rounds == 1 and not p.structure and scores_once(p.method, p.options or None):
+        if others and scores_once(p.method, p.options or None, p.rounds, p.structure):
             configs = [source, *others]
             masks = find_masks(source, built, [c.prune.sparsity for c in configs])
         else:
@@ -664,17 +672,6 @@ def give_back(study, trial_id: int) -> None:
 # ----------------------------------------------------------------------------- workers
 
 
-def _best_index(study) -> int | None:
-    """The plan index of a point's best complete trial so far (fewest steps, ties to the lowest
-    plan index), or None."""
-    import optuna
-
-    done = [(t.value, t.user_attrs.get("plan_index", 0))
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)]
-    return min(done)[1] if done else None
-
-
 def hinted_index(opened: OpenStudy, workload: Workload, batch_size: int, sparsity: float) -> int | None:
     """The plan index to try first at a point: the best one so far at the nearest other point of
     the same workload (nearest batch size on a log scale, then nearest sparsity) that has a complete
@@ -687,10 +684,10 @@ def hinted_index(opened: OpenStudy, workload: Workload, batch_size: int, sparsit
     for w, b, s in opened.spec.points():
         if w.name != workload.name or (b, s) == (batch_size, sparsity):
             continue
-        index = _best_index(opened.point_study(w, b, s))
+        found = _best_complete(opened.point_study(w, b, s))
         rank = (abs(math.log2(b / batch_size)), abs(s - sparsity))
-        if index is not None and (best is None or rank < best[0]):
-            best = (rank, index)
+        if found is not None and (best is None or rank < best[0]):
+            best = (rank, found[1])
     return None if best is None else best[1]
 
 
