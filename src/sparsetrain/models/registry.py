@@ -30,14 +30,19 @@ def create_model(name: str, *, input_shape: tuple[int, ...] | None = None, num_c
                  **model_args: Any) -> nn.Module:
     """Build the model registered as ``name`` (see :func:`list_models`). ``input_shape`` and
     ``num_classes`` default to the model's own (its paper configuration); ``model_args`` are the
-    factory's other arguments."""
+    factory's other arguments. The model carries its name as ``model.registered_name``: the
+    registered models are tested to give the same results in the channels-last layout, so
+    training may run them in it (:func:`sparsetrain.train.loop.conv_layout`); a model of one's
+    own, which may ``.view`` its activations, is trained as it is."""
     factory = MODELS.get(name)
     kwargs = check_model_args(name, model_args)
     if input_shape is not None:
         kwargs["input_shape"] = tuple(input_shape)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return factory(**kwargs)
+    model = factory(**kwargs)
+    model.registered_name = name
+    return model
 
 
 def list_models(pattern: str = "*") -> list[str]:
