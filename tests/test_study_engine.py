@@ -397,3 +397,20 @@ def test_the_cifar_workload_runs_on_cifar_format_files(tmp_path):
     assert run.config["train"]["schedule"] == "linear-then-constant"
     assert run.config["train"]["decay_every"] == o.params["decay_steps"] == 45000
     assert run.results["sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_running_progress_names_each_running_trial_and_its_last_check(tmp_path):
+    """What the bar of `study work` shows beside the count: a running trial's point, plan index
+    and last reported validation error (a trial at a small batch size runs for minutes)."""
+    engine.plan(tmp_path / "s", spec_of(tiny_workload(tmp_path)))
+    with engine.open_study(tmp_path / "s") as opened:
+        assert engine.running_progress(opened) == ""
+        point, study, trial_id = engine._claim(opened)
+        assert point[1:] == (8, 0.5)
+        assert engine.running_progress(opened) == "b8/s0.5 #0 starting"
+        trial = optuna.trial.Trial(study, trial_id)
+        trial.report(0.25, 10)
+        trial.report(0.125, 1200)
+        assert engine.running_progress(opened) == "b8/s0.5 #0 step 1,200 val 12.50%"
+        engine._claim(opened)  # a second worker's trial, the next plan index
+        assert engine.running_progress(opened) == "b8/s0.5 #0 step 1,200 val 12.50%; b8/s0.5 #1 starting"
