@@ -18,7 +18,6 @@ build.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import sys
 
@@ -44,8 +43,7 @@ def measure(name: str, batch: int, rounds: int, budget_s: float, seed: int) -> d
     last = copy.deepcopy(default)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     xe = torch.randn(EVAL_EXAMPLES, *shape)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(conv_layout(last))
+    with conv_layout(last):
         steps = {"default": TrainStep(default, [st.GradientMask(default, mask)]),
                  "channels-last": TrainStep(last, [st.GradientMask(last, mask)])}
 

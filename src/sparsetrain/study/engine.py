@@ -815,16 +815,17 @@ def work(folder: str | Path, workers: int = 1, *, data_dir: str | Path | None = 
             # poll every process each time (not any(), which stops at the first live one): poll()
             # reaps a killed worker, whose pid would otherwise still look alive to the run store's lease
             while [p.poll() for p in processes].count(None):
-                bar.update(max(0, _finished_count(opened) - bar.n))
+                finished, running = _progress(opened)
+                bar.update(max(0, finished - bar.n))
                 if progress:
-                    bar.set_postfix_str(running_progress(opened), refresh=True)
+                    bar.set_postfix_str(running, refresh=True)
                 time.sleep(POLL_S)
         except KeyboardInterrupt:
             for p in processes:
                 p.wait()  # each worker got the Ctrl-C too and gives its trial back
             raise
         finally:
-            finished = _finished_count(opened)
+            finished = _progress(opened)[0]
             bar.update(max(0, finished - bar.n))
             bar.close()
     codes = [p.returncode for p in processes]
@@ -845,24 +846,27 @@ def running_progress(opened: OpenStudy) -> str:
     1,300 val 4.12%`` (batch size, sparsity, plan index), ``starting`` before its first check;
     joined by ``; ``. The progress bar of :func:`work` shows it, since a trial at a small batch size
     can run for many minutes between two finished trials."""
+    return _progress(opened)[1]
+
+
+def _progress(opened: OpenStudy) -> tuple[int, str]:
+    """The finished trials over all points and :func:`running_progress`, from one read of each
+    point's trials (the bar of :func:`work` asks every second)."""
     import optuna
 
-    parts = []
+    S = optuna.trial.TrialState
+    finished, parts = 0, []
     for workload, batch_size, sparsity in opened.spec.points():
-        running = opened.point_study(workload, batch_size, sparsity).get_trials(
-            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        for t in sorted(running, key=lambda t: t.number):
+        trials = opened.point_study(workload, batch_size, sparsity).get_trials(deepcopy=False)
+        finished += sum(t.state in (S.COMPLETE, S.PRUNED) for t in trials)
+        for t in sorted((t for t in trials if t.state == S.RUNNING), key=lambda t: t.number):
             where = f"b{batch_size}/s{sparsity:g} #{t.user_attrs.get('plan_index', t.number)}"
             if t.intermediate_values:
                 step = max(t.intermediate_values)
                 parts.append(f"{where} step {step:,} val {t.intermediate_values[step]:.2%}")
             else:
                 parts.append(f"{where} starting")
-    return "; ".join(parts)
-
-
-def _finished_count(opened: OpenStudy) -> int:
-    return sum(row["finished"] for row in _status_rows(opened))
+    return finished, "; ".join(parts)
 
 
 def status_rows(folder: str | Path, *, storage: str | None = None, study: str | None = None) -> list[dict[str, Any]]:

@@ -212,8 +212,9 @@ def train(
     checkpoints on rank 0 only; each rank evaluates its part of the validation and test sets. A
     callback's ``on_step`` sees this rank's slice loss; a stop on any rank stops every rank.
 
-    On a CPU, a model with 2-D convolutions trains and is evaluated in the channels-last layout
-    (:func:`conv_layout`); it is handed back in the default layout."""
+    On a CPU, a registered model (``create_model``) with 2-D convolutions trains and is evaluated
+    in the channels-last layout (:func:`conv_layout` says when); it is handed back in the default
+    layout."""
     with conv_layout(model, parallel):
         return _train(model, loaders, cfg, hooks=hooks, seed=seed, checkpoint_path=checkpoint_path,
                       on_metrics=on_metrics, progress=progress, loss_fn=loss_fn, postfix=postfix,
