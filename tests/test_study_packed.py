@@ -303,30 +303,128 @@ def test_a_worker_process_body_takes_pack_from_its_command_line(tmp_path):
     assert sorted(r.results.get("packed") for r in RunStore(folder / "runs").list()) == [3, 3, 3]
 
 
-def test_an_interrupted_pack_gives_its_trials_back_and_they_rerun_from_the_start(tmp_path, monkeypatch):
-    w = workload(tmp_path, iterations=40)
-    folder = tmp_path / "study"
-    engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=3, early_stop=False))
+def interrupt_pack_at(monkeypatch, at: int):
+    """Ctrl-C in the middle of a pack, as its step ``at`` begins; returns the real step."""
     step = packed.Pack.step
 
     def interrupted(self, n):
-        if n == 25:  # Ctrl-C in the middle of the pack, after two checks were recorded
+        if n == at:
             raise KeyboardInterrupt
         return step(self, n)
 
     monkeypatch.setattr(packed.Pack, "step", interrupted)
+    return step
+
+
+def counted(monkeypatch, module, name):
+    """Count the calls of ``module.name`` (still calling it)."""
+    real, calls = getattr(module, name), []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+@pytest.mark.parametrize("at, resumed_from", [(15, 0), (45, 40)], ids=["before-a-checkpoint", "after-two"])
+def test_an_interrupted_pack_gives_its_trials_back_and_they_resume_from_their_checkpoints(
+        tmp_path, monkeypatch, at, resumed_from):
+    # the workload checkpoints every 20 steps: interrupted at step 15 nothing is kept, and the retries
+    # are packed again from the start; at step 45 each trial's checkpoint of step 40 is its single
+    # run's, and the retries resume there through the single loop (20 steps each, no packed step)
+    from sparsetrain.train import loop
+
+    w = workload(tmp_path, iterations=60)
+    folder = tmp_path / "study"
+    engine.plan(folder, study_spec(w, batch_sizes=(8,), trials=3, early_stop=False))
+    step = interrupt_pack_at(monkeypatch, at)
     with pytest.raises(KeyboardInterrupt):
         work(folder, 3)
     store = RunStore(folder / "runs")
     assert sorted(r.status for r in store.list()) == ["interrupted"] * 3
     monkeypatch.setattr(packed.Pack, "step", step)
-    assert work(folder, 3) == 3  # the retries: packed again, from the start (a pack keeps no checkpoint)
+    packed_steps = counted(monkeypatch, packed.Pack, "step")
+    single_steps = counted(monkeypatch, loop, "forward_loss")
+    assert work(folder, 3) == 3  # the retries
+    assert len(single_steps) == (3 * (60 - resumed_from) if resumed_from else 0)
+    assert len(packed_steps) == (0 if resumed_from else 60)  # (the point's pack size is recorded: no probe)
     [row] = engine.status_rows(folder)
     assert (row["finished"], row["failed_attempts"], row["waiting"], row["running"]) == (3, 3, 0, 0)
     configs, masks = trials_of(w, folder, 0.5, 3, batch_size=8)
     alone = packed.train_pack([packed.Member(c, m) for c, m in zip(configs, masks)])
-    for o, result in zip(engine.outcomes(folder), alone):
-        assert o.curve == result.curves["val_error"]  # whole, and nothing left of the first attempt
+    for o, result in zip(engine.outcomes(folder), alone):  # whole, and nothing left of the first attempt
+        want = result.curves["val_error"]
+        assert [s for s, _ in o.curve] == [s for s, _ in want]
+        assert all(abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(o.curve, want))
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, True)], ids=["sgd", "nesterov"])
+def test_a_packed_trials_checkpoint_is_the_one_its_single_run_writes(tmp_path, momentum, nesterov):
+    # the oracle: the single loop's own checkpoint file at step 40, written by sparsetrain.run
+    # interrupted as step 41 ends; each trial's packed checkpoint at step 40 must hold the same:
+    # weights, SGD's momentum buffers and groups, the schedule, the running training loss (steps 1-40
+    # popped at 40: empty), the best check, the generator's state
+    from sparsetrain.state_io import load_state
+
+    class StopAt41:
+        def on_step(self, step, loss):
+            if step == 41:
+                raise KeyboardInterrupt
+
+        def on_eval(self, step, metrics):
+            return None
+
+    w = workload(tmp_path, momentum=momentum, nesterov=nesterov, schedule="linear", weight_decay=1e-3,
+                 iterations=60, goal=0.001)  # (4x4 images: a goal never reached)
+    params = plan_points(w.search, 2)
+    configs, masks = trials_of(w, tmp_path, 0.5, 2, params)
+    handed: dict[int, dict] = {}
+    members = [packed.Member(c, m, on_checkpoint=lambda step, state, i=i: handed.setdefault(i, {}).update(
+        {step: state})) for i, (c, m) in enumerate(zip(configs, masks))]
+    packed.train_pack(members)
+    assert all(sorted(handed[i]) == [20, 40] for i in range(2))  # every checkpoint_every, not at the end
+    store = RunStore(tmp_path / "oracle")
+    for i, (config, mask) in enumerate(zip(configs, masks)):
+        with pytest.raises(KeyboardInterrupt):
+            run(config, store=store, mask=mask, progress=None, callbacks=[StopAt41()])
+        [record] = [r for r in store.list() if r.seed == config.seed]
+        want = load_state(store.artifact_dir(record.key) / "checkpoint.safetensors")
+        got = load_state_roundtrip(tmp_path, handed[i][40])
+        assert set(got) == set(want)
+        assert_same(got, want, where=f"trial {i}")
+
+
+def load_state_roundtrip(tmp_path, state):
+    """``state`` as the single loop reads it back from a file."""
+    from sparsetrain.state_io import load_state, save_state
+
+    save_state(tmp_path / "handed.safetensors", state)
+    return load_state(tmp_path / "handed.safetensors")
+
+
+def assert_same(got, want, where):
+    """Nested structures equal: tensors to float rounding (the pack's batched kernels sum in
+    another order), floats to 1e-6 relative, everything else exactly; ``seconds`` is wall time."""
+    import torch
+
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for k in want:
+            if k != "seconds":
+                assert_same(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for n, (a, b) in enumerate(zip(got, want)):
+            assert_same(a, b, f"{where}[{n}]")
+    elif isinstance(want, torch.Tensor):
+        assert got.shape == want.shape and got.dtype == want.dtype, where
+        assert torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-6), where
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
+    else:
+        assert got == want, where
 
 
 def test_an_error_in_a_pack_fails_its_trials_as_one_at_a_time_does(tmp_path, monkeypatch):

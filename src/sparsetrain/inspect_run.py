@@ -33,7 +33,7 @@ from .fsio import atomic_write, write_error
 from .mask_stats import format_count
 from .masks import Mask, apply_mask_, load_mask
 from .pipeline import DENSE, build, init_under_mask
-from .run import default_store_root
+from .run import CHECKPOINT_FILE, default_store_root
 from .state_io import load_state
 from .store import RESUMABLE_STATUSES, RunRecord, RunStatus, RunStore
 
@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 BLOCKS = "▁▂▃▄▅▆▇█"
-CHECKPOINT_FILE = "checkpoint.safetensors"  # written by run.py through the training loop
 MASK_FILE = "mask.safetensors"
 CURVES_FILE = "curves.png"
 

@@ -111,6 +111,10 @@ def run(
                         callbacks=callbacks, wait=wait, parallel=parallel)
 
 
+#: A run's checkpoint in its artifact folder: what an interrupted run resumes from.
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
 def run_key(config: RunConfig, mask: Mask | None = None) -> str:
     """The key :func:`run` records ``config`` under: ``config.key()``, combined with the mask's
     content when a mask is given."""
@@ -277,7 +281,7 @@ def _execute(config, key, store, data_dir, device, progress, download, given_mas
 
     layers = layer_table(mask, built.model, built.loaders.input_shape)
     model, hooks = init_under_mask(config, built, mask)
-    checkpoint = folder / "checkpoint.safetensors" if folder is not None else None
+    checkpoint = folder / CHECKPOINT_FILE if folder is not None else None
     if keep and folder is not None:
         callbacks = [*callbacks, KeepWeights(model, folder, keep)]
         if 0 in keep and not checkpoint.exists():  # iteration 0: the weights before any step

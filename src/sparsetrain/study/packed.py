@@ -19,6 +19,9 @@ stop, :class:`~sparsetrain.train.loop.StopAtGoal` for ``goal_error``), and leave
 own end, with its test errors measured as the single run measures them. A packed trial's curve
 equals the same trial run alone up to float rounding (vmap's batched kernels sum in another
 order): tests/test_study_packed.py checks every check's error to 1e-5 and the early-stop step.
+Every ``checkpoint_every`` steps each trial hands out the checkpoint its single run would have
+written there (:meth:`Pack.handover`), so that a killed pack's trials resume through the single
+loop.
 
 What can be packed (:func:`why_not_packable`, :func:`why_not_packable_model`): SGD, dense
 execution, models without buffers or dropout (batch norm's running statistics and dropout's random
@@ -55,7 +58,7 @@ from sparsetrain.init import initialize_
 from sparsetrain.models import create_model
 from sparsetrain.pipeline import Built, build, init_under_mask, validate
 from sparsetrain.threads import training_threads
-from sparsetrain.train.loop import FINISHED, INFEASIBLE, STOPPED, Callback, StopAtGoal, TrainResult
+from sparsetrain.train.loop import FINISHED, INFEASIBLE, STOPPED, Callback, StopAtGoal, TrainResult, handover_state
 from sparsetrain.train.optim import SCHEDULES, total_iterations
 
 #: The settings trials of one pack may differ in (besides the seed): the searched metaparameters.
@@ -155,14 +158,18 @@ def why_not_packable_model(model: nn.Module) -> str | None:
 @dataclass
 class Member:
     """One trial of a pack: its run ``config`` and ``mask`` (None: dense), ``callbacks`` as the
-    single loop takes them, ``on_metrics(step, values)`` for every value measured, and
-    ``on_end(result)`` called as soon as the trial leaves the pack (before the others go on)."""
+    single loop takes them, ``on_metrics(step, values)`` for every value measured,
+    ``on_end(result)`` called as soon as the trial leaves the pack (before the others go on), and
+    ``on_checkpoint(step, state)`` every ``train.checkpoint_every`` steps with the checkpoint the
+    single loop would have written there (:func:`~sparsetrain.train.loop.handover_state`), from
+    which the single loop resumes the trial."""
 
     config: RunConfig
     mask: Mask | None = None
     callbacks: list[Callback] = field(default_factory=list)
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
     on_end: Callable[[TrainResult], None] | None = None
+    on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None
 
 
 def _reseeded(stream, seed: int):
@@ -307,6 +314,21 @@ class Pack:
     def trial_params(self, i: int) -> dict[str, torch.Tensor]:
         return {n: p[i].clone() for n, p in self.params.items()}
 
+    def handover(self, i: int, step: int, *, seconds: float, running: dict[str, Any] | None, best_step=None,
+                 best_val_error=None, best_params=None, min_test_error: float = math.inf) -> dict[str, Any]:
+        """Trial ``i``'s checkpoint after step ``step``, as its single run would have written it
+        (:func:`~sparsetrain.train.loop.handover_state`): its weights, momentum buffers,
+        schedule, running training loss and best validation check."""
+        model = copy.deepcopy(self.module)  # (no buffers: a packable model has parameters only)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(self.params[n][i])
+        config = self.members[i].config
+        buffers = {n: b[i] for n, b in self.buffers.items()} if self.buffers is not None else None
+        return handover_state(config.train, model, step, self.total, seed=config.seed, seconds=seconds,
+                              momentum_buffers=buffers, running=running, best_step=best_step,
+                              best_val_error=best_val_error, best_model=best_params, min_test_error=min_test_error)
+
     def drop(self, gone: list[int]) -> None:
         """Remove the trials at positions ``gone`` from the pack."""
         keep = [i for i in range(len(self.members)) if i not in set(gone)]
@@ -419,6 +441,17 @@ def train(pack: Pack) -> list[TrainResult]:
                 pack.drop(gone)
                 tracks = [tr for i, tr in enumerate(tracks) if i not in gone]
                 ids = [x for i, x in enumerate(ids) if i not in gone]
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:  # as the single loop does
+                seconds = time.perf_counter() - started
+                for i, tr in enumerate(tracks):
+                    if tr.member.on_checkpoint is None:
+                        continue
+                    running = {"loss": run_loss[i] if batches else 0.0, "wrong": run_wrong[i] if batches else 0,
+                               "n": batches * t.batch_size, "batches": batches, "judged": True}
+                    tr.member.on_checkpoint(step, pack.handover(
+                        i, step, seconds=seconds, running=running, best_step=tr.best_step,
+                        best_val_error=tr.best_val_error, best_params=tr.best_params,
+                        min_test_error=tr.min_test_error))
     return [results[i] for i in range(len(members))]
 
 
@@ -651,8 +684,8 @@ def work_claimed(opened, claimed, pack, *, data_dir=None, device=None) -> int:
 def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_ids: list[int], *,
                data_dir=None, device=None) -> int:
     """Train the claimed trials ``trial_ids`` of one point as one pack and record each (see
-    :func:`work_claimed`). A trial whose run the store already holds (finished: reused; begun by
-    a single run with a checkpoint: resumed) or that another process trains now goes through
+    :func:`work_claimed`). A trial whose run the store already holds (finished: reused; begun,
+    alone or in a pack, with a checkpoint: resumed) or that another process trains now goes through
     :func:`~sparsetrain.study.engine.run_trial` instead. A KeyboardInterrupt gives every
     unrecorded trial back; an error fails them (as run_trial does) and propagates."""
     import contextlib
@@ -662,7 +695,7 @@ def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_
     import optuna
 
     from sparsetrain.pipeline import layer_table, overall
-    from sparsetrain.run import run_key, what_is_trained
+    from sparsetrain.run import CHECKPOINT_FILE, run_key, what_is_trained
     from sparsetrain.store import TERMINAL_STATUSES, RunStatus, RunStore
     from sparsetrain.study import engine
 
@@ -692,12 +725,12 @@ def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_
                     singles.append(tid)
                     continue
                 record = store.get(key)
-                resumable = record is not None and (store.artifact_dir(key) / "checkpoint.safetensors").exists()
+                resumable = record is not None and (store.artifact_dir(key) / CHECKPOINT_FILE).exists()
                 if record is not None and (record.status in TERMINAL_STATUSES or resumable):
                     lease.release()  # reused or resumed by the single path
                     singles.append(tid)
                     continue
-                if record is not None:  # a packed attempt that was killed: nothing to resume, start over
+                if record is not None:  # an attempt killed before its first checkpoint: start over
                     store.delete(key)
                 _, recorded = what_is_trained(config, mask)
                 store.begin(key, recorded, config.seed, name=config.name, group=group)
@@ -705,7 +738,8 @@ def run_packed(opened, workload, batch_size: int, sparsity: float, study, trial_
                 watch = engine.TrialWatch(trial, workload.goal_error, lambda: engine.best_known(study),
                                           spec.early_stop)
                 end = _Recorder(store, study, trial, index, key, watch, workload, open_runs, done, tid)
-                members.append(Member(config, mask, [watch], _logger(store, key, lease), end))
+                members.append(Member(config, mask, [watch], _logger(store, key, lease), end,
+                                      _checkpointer(store.artifact_dir(key) / CHECKPOINT_FILE, lease)))
             if members:
                 pack = Pack(members, data_dir=data_dir, device=device)
                 for m in members:
@@ -752,6 +786,18 @@ def _logger(store, key: str, lease) -> Callable[[int, dict[str, float]], None]:
         store.log_metrics(key, step, values)
 
     return on_metrics
+
+
+def _checkpointer(path: Path, lease) -> Callable[[int, dict[str, Any]], None]:
+    """A packed trial's ``on_checkpoint``: its single run's checkpoint file, which a retry of the
+    trial resumes from through the single path (:func:`run_packed` hands it over)."""
+    from sparsetrain.state_io import save_state
+
+    def on_checkpoint(step: int, state: dict[str, Any]) -> None:
+        lease.check()  # taken over by another process: the file is theirs now
+        save_state(path, state)
+
+    return on_checkpoint
 
 
 class _Recorder:

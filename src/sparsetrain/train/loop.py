@@ -450,6 +450,42 @@ class _Running:
         return out
 
 
+def handover_state(cfg: TrainConfig, model: nn.Module, step: int, total: int, *, seed: int, seconds: float,
+                   momentum_buffers: dict[str, torch.Tensor] | None = None, running: dict[str, Any] | None = None,
+                   best_step: int | None = None, best_val_error: float | None = None,
+                   best_model: dict[str, torch.Tensor] | None = None,
+                   min_test_error: float = math.inf) -> dict[str, Any]:
+    """The checkpoint :func:`train` would have written at ``step`` for a run of ``cfg`` (``total``
+    iterations, seeded with ``seed``) that another trainer took there: ``model`` holding the
+    weights, ``momentum_buffers`` (parameter name -> SGD's momentum buffer) the optimizer's
+    state, ``running`` the training-loss accumulator (``_Running.state``; None: empty), and the
+    best validation check so far. The structure is ``_State.snapshot``'s, built from a real
+    optimizer and schedule, so that :func:`train` resumes the run from it as from its own.
+
+    Why: a study's packed trials (:mod:`sparsetrain.study.packed`) train outside this loop; a
+    worker killed mid-pack leaves these checkpoints, and each trial's retry resumes through this
+    loop instead of starting over. Only what that trainer does is covered: SGD (momentum state
+    only) and no draws from torch's global generator (its state is the one ``seed`` sets, as here
+    where nothing draws from it)."""
+    optimizer = build_optimizer(model.parameters(), cfg)
+    if cfg.momentum != 0 and step > 0:  # torch.optim.SGD keeps a buffer only with momentum, from its first step
+        for name, p in model.named_parameters():
+            optimizer.state[p]["momentum_buffer"] = momentum_buffers[name].detach().clone()
+    schedule = build_schedule(optimizer, cfg, total)
+    lr = [base * f(step) for base, f in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    saved = schedule.state_dict()
+    schedule.load_state_dict({**saved, "last_epoch": step, "_step_count": step + 1, "_last_lr": lr})
+    for group, value in zip(optimizer.param_groups, lr):
+        group["lr"] = value
+    state = _State(seconds=seconds, best_step=best_step, best_val_error=best_val_error, best_model=best_model,
+                   min_test_error=min_test_error)
+    snapshot = state.snapshot(step, model, optimizer, schedule, _Running.from_state(running))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    snapshot["rng"] = generator.get_state()
+    return snapshot
+
+
 @dataclass
 class _State:
     step: int = 0
