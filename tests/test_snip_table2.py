@@ -114,7 +114,8 @@ def test_rnn_rows_run_on_real_mnist_and_cifar_rows_without_data_are_reported(tmp
     assert code == 0, capsys.readouterr().err
     lines = out.read_text().splitlines()
     alexnet = next(l for l in lines if l.startswith("| AlexNet-s |"))
-    assert "not run here (CIFAR-10 not on this machine: cifar10 data not found" in alexnet
+    assert "not run here (CIFAR-10 not on this machine; see below)" in alexnet
+    assert "Rows on CIFAR-10 were not run: cifar10 data not found in" in out.read_text()  # the reason, once
     lstm = next(l for l in lines if l.startswith("| LSTM-s |"))
     assert "sequential MNIST" in lstm and "137.1k (137k)" in lstm and "1.88 -> 1.57" in lstm
     cells = [c.strip() for c in lstm.split("|")]

@@ -90,6 +90,10 @@ ROWS: dict[str, Row] = {r.network: r for r in (
 
 #: The data sets by name as the table shows them.
 DATA_NAMES = {"cifar10": "CIFAR-10", "mnist": "sequential MNIST"}
+#: where a data set's rows find it, for the table's note on rows not run
+WHERE_DATA = {"cifar10": "`<data root>/cifar10/` (the official `cifar-10-python.tar.gz`, or the "
+                         "`cifar-10-batches-py` folder it holds)",
+              "mnist": "`<data root>/mnist/` (the four official IDX files)"}
 
 
 def select_rows(rows) -> list[str]:
@@ -231,7 +235,7 @@ def write_table(rows, configs, records, missing: dict[str, str], out, seconds: f
         head = f"| {row.label} | {data_name} | {_short(params)} ({row.paper_params}) | {row.sparsity:.0%} | "
         if dataset in missing:
             why = "not on this machine" if "not found" in missing[dataset] else "cannot be read"
-            note = f"not run here ({data_name} {why}: {missing[dataset]})"
+            note = f"not run here ({data_name} {why}; see below)"
             entry["not_run"] = missing[dataset]
             lines.append(head + f"{iterations[dense_recipe]:,} | {note} | - | {paper} | - |")
         else:
@@ -245,7 +249,6 @@ def write_table(rows, configs, records, missing: dict[str, str], out, seconds: f
                                 f"{mean_std([x.get('test_error_min_over_checks') for x in dense])} / "
                                 f"{mean_std([x.get('test_error_min_over_checks') for x in snip])} |")
         table[r] = entry
-    not_run = sorted({DATA_NAMES.get(d, d) for d in missing})
     lines += [
         "",
         "Recipes (`src/sparsetrain/recipes/snip-table2-*.toml`; each says where its values came from): "
@@ -257,10 +260,10 @@ def write_table(rows, configs, records, missing: dict[str, str], out, seconds: f
         "one mini-batch, a fresh variance-scaling draw (zero biases) trained under the mask; 10% of the "
         "training set held out for validation.",
     ]
-    if not_run:
-        lines += ["", f"Rows on {', '.join(not_run)} were not run: the data is not on this machine. With the "
-                      "data in `<data root>/cifar10/` (the official `cifar-10-python.tar.gz`, or the "
-                      "`cifar-10-batches-py` folder it holds), the same command runs them."]
+    for dataset in sorted(missing):
+        where = WHERE_DATA.get(dataset, f"`<data root>/{dataset}/`")
+        lines += ["", f"Rows on {DATA_NAMES.get(dataset, dataset)} were not run: {missing[dataset]}. With the "
+                      f"data in {where}, the same command runs them."]
     lines += ["", f"Wall time of this invocation {seconds / 60:.1f} min (runs already in the store are not "
                   "repeated)."]
     text = "\n".join(lines)
