@@ -99,6 +99,10 @@ def test_table3_cells_are_the_papers_grid():
     assert cells["gru-s", "VS-H"].init == "variance-scaling:scale=2"
     assert cells["lstm-s", "TN"].data_args == {"view": "rows"}
     assert t3.PAPER[("lenet-300-100", "he")] == 1.88
+    # lengths fitted to this CPU, schedules compressed: 60,000 x0.1 every 25,000; 30,000 x0.1 every 25,000
+    lengths = {n: (c.train.iterations, c.train.decay_every) for (n, lab), c in cells.items() if lab == "RN"}
+    assert lengths == {"lenet-300-100": (60_000, 25_000), "lenet-5-caffe": (10_000, 8_333),
+                       "lstm-s": (15_000, 6_250), "gru-s": (15_000, 6_250)}
 
 
 def test_table3_runs_a_network_row_end_to_end(tmp_path, mnist_root):

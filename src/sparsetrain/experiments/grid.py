@@ -55,6 +55,11 @@ class Cell:
         return shorten(base.replace(**changes, name=self.name), self.length)
 
 
+def recipe_iterations(recipe: str) -> int:
+    """The training length a bundled recipe states (what a fitted :class:`Cell` shortens)."""
+    return RunConfig.from_toml(recipe_path(recipe)).train.iterations
+
+
 def select(cells: list[Cell], rows: Iterable[str] | None) -> list[Cell]:
     """The cells named (or tagged) by ``rows``, in the grid's order; None: every cell. An unknown
     name raises :class:`SparsetrainError` listing the names and tags."""

@@ -15,6 +15,12 @@ scored and, with zero biases, for the fresh draw that trains (as snip-public dra
 from one initializer). RN and TN use a standard deviation of 0.1 (the paper does not state it; see
 ``docs/init.md``).
 
+Lengths fitted to this CPU, as the other committed SNIP tables (stated in the table): LeNet-300-100
+its full 60,000 iterations (about 5 minutes a run); LeNet-5-Caffe 10,000 of its 30,000, as
+``snip-sparsity``; the recurrent nets 15,000 of their 60,000, as the committed Table 2 rows (a
+full-length run is about 80 minutes of one core here, 32 hours for their 24 runs); each schedule
+compressed with its length. ``--iterations`` still sets every cell's length.
+
     >>> len(CELLS), sorted({c.info["init"] for c in CELLS})
     (16, ['glorot', 'he', 'random normal', 'truncated normal'])
 """
@@ -25,17 +31,17 @@ import statistics
 
 from ..init import TABLE3_SCHEMES, with_zero_bias
 from .common import EXPERIMENTS, ReproduceOptions, mean_std, titled
-from .grid import Cell, GridResult, raise_failures, run_grid
+from .grid import Cell, GridResult, raise_failures, recipe_iterations, run_grid
 from ..measure import new_figure, png_beside, save_png
 
 GROUP = ("experiment", "snip-table3")
 SPARSITY = 0.90
-#: network -> the recipe its cells start from
+#: network -> (the recipe its cells start from, the length fitted to this CPU (None: the recipe's))
 NETWORKS = {
-    "lenet-300-100": "snip-table1-lenet300-95",
-    "lenet-5-caffe": "snip-table1-lenet5-98",
-    "lstm-s": "snip-table2-lstm-s-95",
-    "gru-s": "snip-table2-gru-s-95",
+    "lenet-300-100": ("snip-table1-lenet300-95", None),
+    "lenet-5-caffe": ("snip-table1-lenet5-98", 10_000),
+    "lstm-s": ("snip-table2-lstm-s-95", 15_000),
+    "gru-s": ("snip-table2-gru-s-95", 15_000),
 }
 #: The paper's column labels for the schemes of TABLE3_SCHEMES.
 LABELS = {"random normal": "RN", "truncated normal": "TN", "glorot": "VS-X", "he": "VS-H"}
@@ -46,14 +52,15 @@ PAPER = {("lenet-300-100", "random normal"): 1.90, ("lenet-300-100", "truncated 
 
 def _cells() -> list[Cell]:
     cells = []
-    for network, recipe in NETWORKS.items():
+    for network, (recipe, length) in NETWORKS.items():
         for init, scheme in TABLE3_SCHEMES.items():
             label = LABELS[init]
             changes = {"init": scheme,
                        "prune": {"method": "snip", "sparsity": SPARSITY, "reinit": with_zero_bias(scheme)},
                        "train": {"optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0}}
             cells.append(Cell(f"snip-table3-{network}-{label.lower()}", recipe, changes,
-                              tags=(network, label.lower()), info={"network": network, "init": init, "label": label}))
+                              tags=(network, label.lower()), info={"network": network, "init": init, "label": label},
+                              length=length))
     return cells
 
 
@@ -100,6 +107,17 @@ def write_table(grid: GridResult, out) -> str:
         lines.append(f"| {network} | " + " | ".join(cells) + " |")
     iterations = {n: sorted({c.train.iterations for cell in grid.cells if cell.info["network"] == n
                              for c in grid.configs[cell.name]}) for n in networks}
+    lengths = []  # each network's length as this table trained it, where it is the experiment's own
+    for n in networks:
+        recipe, length = NETWORKS[n]
+        full = recipe_iterations(recipe)
+        if length and iterations[n] == [length]:
+            lengths.append(f"{n} {length:,} of its recipe's {full:,} iterations")
+        elif not length and iterations[n] == [full]:
+            lengths.append(f"{n} its recipe's full {full:,}")
+    if any(NETWORKS[n][1] and iterations[n] == [NETWORKS[n][1]] for n in networks):
+        lines += ["", "Lengths fitted to this CPU (each schedule compressed with its length): " + "; ".join(lengths)
+                  + "."]
     if any(data["rows"][c]["test_error_final_pct"] for c in data["rows"]):
         path = png_beside(out)
         _plot(networks, inits, by, grid, path)
