@@ -362,10 +362,11 @@ def test_an_interrupted_pack_gives_its_trials_back_and_they_resume_from_their_ch
 
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, True)], ids=["sgd", "nesterov"])
 def test_a_packed_trials_checkpoint_is_the_one_its_single_run_writes(tmp_path, momentum, nesterov):
-    # the oracle: the single loop's own checkpoint file at step 40, written by sparsetrain.run
-    # interrupted as step 41 ends; each trial's packed checkpoint at step 40 must hold the same:
-    # weights, SGD's momentum buffers and groups, the schedule, the running training loss (steps 1-40
-    # popped at 40: empty), the best check, the generator's state
+    # the oracle: the single loop's own checkpoint file, written by sparsetrain.run at step 40
+    # (interrupted as step 41 ends) and at the end (step 60: the final weights); each trial's packed
+    # checkpoints there must hold the same: weights, SGD's momentum buffers and groups, the
+    # schedule, the running training loss (popped at 40 and 60: empty), the best check, the
+    # generator's state
     from sparsetrain.state_io import load_state
 
     class StopAt41:
@@ -384,16 +385,20 @@ def test_a_packed_trials_checkpoint_is_the_one_its_single_run_writes(tmp_path, m
     members = [packed.Member(c, m, on_checkpoint=lambda step, state, i=i: handed.setdefault(i, {}).update(
         {step: state})) for i, (c, m) in enumerate(zip(configs, masks))]
     packed.train_pack(members)
-    assert all(sorted(handed[i]) == [20, 40] for i in range(2))  # every checkpoint_every, not at the end
-    store = RunStore(tmp_path / "oracle")
-    for i, (config, mask) in enumerate(zip(configs, masks)):
-        with pytest.raises(KeyboardInterrupt):
-            run(config, store=store, mask=mask, progress=None, callbacks=[StopAt41()])
-        [record] = [r for r in store.list() if r.seed == config.seed]
-        want = load_state(store.artifact_dir(record.key) / "checkpoint.safetensors")
-        got = load_state_roundtrip(tmp_path, handed[i][40])
-        assert set(got) == set(want)
-        assert_same(got, want, where=f"trial {i}")
+    assert all(sorted(handed[i]) == [20, 40, 60] for i in range(2))  # every checkpoint_every, and the end
+    for step, stop in ((40, [StopAt41()]), (60, [])):
+        store = RunStore(tmp_path / f"oracle-{step}")
+        for i, (config, mask) in enumerate(zip(configs, masks)):
+            if stop:
+                with pytest.raises(KeyboardInterrupt):
+                    run(config, store=store, mask=mask, progress=None, callbacks=stop)
+            else:
+                assert run(config, store=store, mask=mask, progress=None).results["steps"] == 60
+            [record] = [r for r in store.list() if r.seed == config.seed]
+            want = load_state(store.artifact_dir(record.key) / "checkpoint.safetensors")
+            got = load_state_roundtrip(tmp_path, handed[i][step])
+            assert set(got) == set(want)
+            assert_same(got, want, where=f"trial {i} step {step}")
 
 
 def load_state_roundtrip(tmp_path, state):

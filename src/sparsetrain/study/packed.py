@@ -160,9 +160,10 @@ class Member:
     """One trial of a pack: its run ``config`` and ``mask`` (None: dense), ``callbacks`` as the
     single loop takes them, ``on_metrics(step, values)`` for every value measured,
     ``on_end(result)`` called as soon as the trial leaves the pack (before the others go on), and
-    ``on_checkpoint(step, state)`` every ``train.checkpoint_every`` steps with the checkpoint the
-    single loop would have written there (:func:`~sparsetrain.train.loop.handover_state`), from
-    which the single loop resumes the trial."""
+    ``on_checkpoint(step, state)`` every ``train.checkpoint_every`` steps and at the trial's end
+    (unless it diverged) with the checkpoint the single loop would have written there
+    (:func:`~sparsetrain.train.loop.handover_state`), from which the single loop resumes the trial
+    and which holds a finished trial's final weights, as a single run's does."""
 
     config: RunConfig
     mask: Mask | None = None
@@ -383,6 +384,17 @@ def train(pack: Pack) -> list[TrainResult]:
     run_loss: Any = 0.0
     run_wrong: Any = 0
     batches = 0
+
+    def checkpoint(i: int, tr: _Track, step: int) -> None:
+        """Hand trial ``i`` its single run's checkpoint of ``step`` (see :class:`Member`)."""
+        if tr.member.on_checkpoint is None:
+            return
+        running = {"loss": run_loss[i] if batches else 0.0, "wrong": run_wrong[i] if batches else 0,
+                   "n": batches * t.batch_size, "batches": batches, "judged": True}
+        tr.member.on_checkpoint(step, pack.handover(
+            i, step, seconds=time.perf_counter() - started, running=running, best_step=tr.best_step,
+            best_val_error=tr.best_val_error, best_params=tr.best_params, min_test_error=tr.min_test_error))
+
     with training_threads(pack.module, pack.loaders.input_shape, batch, pack.device):
         for step in range(1, pack.total + 1):
             if not len(pack):
@@ -431,6 +443,8 @@ def train(pack: Pack) -> list[TrainResult]:
             for i, status, reason in ending:
                 result = _end(pack, tracks[i], i, step, status, reason, time.perf_counter() - started)
                 results[ids[i]] = result
+                if status != INFEASIBLE:  # the single loop's last checkpoint: the final weights
+                    checkpoint(i, tracks[i], step)
                 if tracks[i].member.on_end is not None:
                     tracks[i].member.on_end(result)
             if ending:
@@ -442,16 +456,8 @@ def train(pack: Pack) -> list[TrainResult]:
                 tracks = [tr for i, tr in enumerate(tracks) if i not in gone]
                 ids = [x for i, x in enumerate(ids) if i not in gone]
             if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:  # as the single loop does
-                seconds = time.perf_counter() - started
                 for i, tr in enumerate(tracks):
-                    if tr.member.on_checkpoint is None:
-                        continue
-                    running = {"loss": run_loss[i] if batches else 0.0, "wrong": run_wrong[i] if batches else 0,
-                               "n": batches * t.batch_size, "batches": batches, "judged": True}
-                    tr.member.on_checkpoint(step, pack.handover(
-                        i, step, seconds=seconds, running=running, best_step=tr.best_step,
-                        best_val_error=tr.best_val_error, best_params=tr.best_params,
-                        min_test_error=tr.min_test_error))
+                    checkpoint(i, tr, step)
     return [results[i] for i in range(len(members))]
 
 
